@@ -822,10 +822,13 @@ def evaluate(
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file and rename: a kill mid-write never leaves a broken file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_grid(
@@ -1188,7 +1191,7 @@ def main(cfg: Config) -> Path:
             f"every DDIM step has sigma_t < {MIN_SIGMA} at --eta {cfg.eta}; raise --eta (e.g. 1.0)"
         )
     params = lora_parameters(models.unet)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)  # DDPO's decay
     if show:
         print(
             f"model={model_path} resolution={models.resolution} latent={models.latent_shape} "

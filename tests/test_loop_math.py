@@ -1,0 +1,164 @@
+"""The paper's equations against independent references: diffusers' DDIMScheduler.step,
+torch.distributions, explicit Python loops, and autograd identities between the estimators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SD2_SCHEDULER
+from diffusers import DDIMScheduler
+
+import loop
+
+SCHEDULERS = {
+    "sd2": SD2_SCHEDULER,  # set_alpha_to_one=False: last sigma_t small but > 0
+    "alpha_to_one": {**SD2_SCHEDULER, "set_alpha_to_one": True},  # last sigma_t == 0
+    "sd1_clip": {
+        **SD2_SCHEDULER,
+        "clip_sample": True,
+    },  # DDIMScheduler's default clip_sample
+}
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("config", list(SCHEDULERS))
+@pytest.mark.parametrize("num_steps", [4, 50])
+def test_ddim_step_equals_diffusers(prediction_type, config, num_steps):
+    """prev_sample within 1e-6 of DDIMScheduler.step with the same variance_noise, at every step."""
+    scheduler = DDIMScheduler(
+        **{**SCHEDULERS[config], "prediction_type": prediction_type}
+    )
+    eta = 1.0
+    schedule = loop.ddim_schedule(scheduler, num_steps, eta)
+    clip = scheduler.config.clip_sample_range if scheduler.config.clip_sample else None
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for j, t in enumerate(scheduler.timesteps):
+        x_t = torch.randn(3, 4, 8, 8, generator=gen)
+        model_output = torch.randn(3, 4, 8, 8, generator=gen)
+        noise = torch.randn(3, 4, 8, 8, generator=gen)
+        ref = scheduler.step(
+            model_output, t, x_t, eta=eta, variance_noise=noise
+        ).prev_sample
+        ours, log_prob, mean = loop.ddim_step(
+            model_output,
+            x_t,
+            schedule.alpha_bar_t[j],
+            schedule.alpha_bar_prev[j],
+            schedule.sigma_t[j],
+            prediction_type,
+            noise=noise,
+            clip_sample=clip,
+        )
+        worst = max(worst, (ours - ref).abs().max().item())
+        ref_mean = scheduler.step(
+            model_output, t, x_t, eta=eta, variance_noise=torch.zeros_like(noise)
+        ).prev_sample
+        torch.testing.assert_close(mean, ref_mean, atol=1e-6, rtol=0)
+        assert (log_prob is None) == (not bool(schedule.trainable[j]))
+    assert worst <= 1e-6, worst
+
+
+def test_last_step_sigma_guard():
+    """PITFALLS #1: know which steps have sigma_t > 0; the zero-sigma step is never trained on."""
+    sd2 = loop.ddim_schedule(DDIMScheduler(**SCHEDULERS["sd2"]), 10, 1.0)
+    assert (
+        sd2.trainable.all() and sd2.sigma_t.min() > 0.01
+    )  # last step: t=1, sigma ~ 0.02
+    one = loop.ddim_schedule(DDIMScheduler(**SCHEDULERS["alpha_to_one"]), 10, 1.0)
+    assert one.sigma_t[-1] == 0 and not one.trainable[-1] and one.trainable[:-1].all()
+    # the sigma formula itself, against diffusers' _get_variance
+    scheduler = DDIMScheduler(**SCHEDULERS["sd2"])
+    scheduler.set_timesteps(10)
+    for j, t in enumerate(scheduler.timesteps):
+        variance = scheduler._get_variance(int(t), int(t) - 100)
+        torch.testing.assert_close(sd2.sigma_t[j], variance**0.5, atol=1e-7, rtol=0)
+
+
+def test_log_prob_equals_torch_normal():
+    """log pi = Normal(mean, sigma).log_prob(x) averaged over the latent dimensions."""
+    gen = torch.Generator().manual_seed(1)
+    mean = torch.randn(5, 4, 8, 8, generator=gen)
+    x = mean + 0.3 * torch.randn(5, 4, 8, 8, generator=gen)
+    for sigma in (0.02, 0.3, 1.0):
+        ours = loop.gaussian_log_prob(x, mean, torch.tensor(sigma))
+        ref = torch.distributions.Normal(mean, sigma).log_prob(x).mean(dim=(1, 2, 3))
+        assert ours.shape == (5,) and ours.dtype == torch.float32
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-6)
+
+
+def test_gaussian_kl_equals_torch_kl():
+    gen = torch.Generator().manual_seed(2)
+    mean, ref_mean = torch.randn(2, 2, 3, 3, 4, generator=gen)
+    sigma = torch.tensor(0.2)
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, sigma),
+        torch.distributions.Normal(ref_mean, sigma),
+    ).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loop.gaussian_kl(mean, ref_mean, sigma), ref)
+
+
+def test_leave_one_out_advantage_matches_explicit_loop():
+    reward = torch.rand(5, 4, generator=torch.Generator().manual_seed(3))  # (B, K)
+    advantage = loop.leave_one_out_advantage(reward)
+    for b in range(5):
+        for i in range(4):
+            others = [reward[b, j].item() for j in range(4) if j != i]
+            baseline = sum(others) / len(others)
+            assert abs(advantage[b, i].item() - (reward[b, i].item() - baseline)) < 1e-6
+    torch.testing.assert_close(advantage.sum(dim=1), torch.zeros(5), atol=1e-6, rtol=0)
+
+
+def test_advantage_branches_and_normalisation():
+    reward = torch.tensor(
+        [[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]]
+    )  # second prompt: std 0
+    assert torch.equal(
+        loop.compute_advantages("reinforce", reward, "off", 0), reward.flatten()
+    )
+    loo = loop.leave_one_out_advantage(reward).flatten()
+    assert torch.equal(loop.compute_advantages("rloo", reward, "off", 0), loo)
+    assert torch.equal(loop.compute_advantages("loop", reward, "off", 0), loo)
+    ppo = loop.compute_advantages(
+        "ppo", reward, "group-std", 5.0
+    )  # DDPO per-prompt statistics
+    torch.testing.assert_close(ppo, torch.tensor([1.0, -1.0, -1.0, 1.0, 0, 0, 0, 0]))
+    batch = loop.normalize(reward, "batch")
+    torch.testing.assert_close(batch.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(batch.std(unbiased=False), torch.tensor(1.0))
+    clipped = loop.compute_advantages("reinforce", reward * 10, "off", 2.0)
+    assert clipped.max() == 2.0
+
+
+def _grads(loss_fn, log_prob_value):
+    log_prob = log_prob_value.clone().requires_grad_(True)
+    loss_fn(log_prob).backward()
+    return log_prob.grad
+
+
+@pytest.mark.parametrize("pair", [("ppo", "reinforce"), ("loop", "rloo")])
+def test_clipped_gradient_equals_reinforce_at_ratio_one(pair):
+    """PITFALLS #3: at rho = 1 the clipped objective's gradient is the REINFORCE/RLOO gradient."""
+    gen = torch.Generator().manual_seed(4)
+    old = torch.randn(8, generator=gen)
+    advantage = torch.randn(8, generator=gen)
+    clipped, plain = pair
+    g_clip = _grads(lambda lp: loop.policy_loss(clipped, lp, old, advantage, 1e-4), old)
+    g_plain = _grads(lambda lp: loop.policy_loss(plain, lp, old, advantage, 1e-4), old)
+    torch.testing.assert_close(g_clip, g_plain, atol=0, rtol=1e-6)
+    torch.testing.assert_close(g_plain, -advantage / 8)
+
+
+def test_clipped_side_has_exactly_zero_gradient():
+    old = torch.zeros(4)
+    advantage = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    # rho = e^0.1 > 1 + eps with A > 0, rho = e^-0.1 < 1 - eps with A < 0: clipped -> zero gradient
+    # rho = e^-0.1 with A > 0 and rho = e^0.1 with A < 0: the unclipped term is the min -> gradient
+    log_prob = torch.tensor([0.1, -0.1, -0.1, 0.1])
+    grad = _grads(
+        lambda lp: loop.policy_loss("loop", lp, old, advantage, 0.2 / 10), log_prob
+    )
+    assert grad[0] == 0 and grad[1] == 0
+    assert grad[2] != 0 and grad[3] != 0
+    ratio = loop.importance_ratio(log_prob, old)
+    torch.testing.assert_close(grad[2:], -(ratio * advantage)[2:] / 4)
