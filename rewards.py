@@ -1,0 +1,993 @@
+"""Reward functions r(x_0, c) for LOOP, and a T2I-CompBench-style evaluation command.
+
+Every reward shares one interface, the one the trainer calls:
+
+    reward_fn = rewards.load_reward(name, device="cuda", **options)
+    scores = reward_fn(images, prompts)   # images (N, 3, H, W) float in [0, 1], N prompts -> (N,) float32, CPU
+
+Models are loaded once per `load_reward` call, never at import. Every model id is an option (`model=...`)
+and a local folder works the same as a hub id, which is how the tests run each scorer's exact code path on
+small randomly initialised models of the same architectures.
+
+Scorers (name -> what it computes, default model)
+    color, shape, texture   T2I-CompBench BLIP-VQA: product over the prompt's noun phrases of
+                            P(yes | image, "<phrase>?"), Salesforce/blip-vqa-capfilt-large
+    spatial                 APPROXIMATION of T2I-CompBench's UniDet rule on an open-vocabulary detector
+                            (UniDet/detectron2 has no transformers port), google/owlv2-base-patch16-ensemble
+    non_spatial             T2I-CompBench CLIPScore: raw cosine(image, prompt), openai/clip-vit-base-patch32
+    complex                 T2I-CompBench 3-in-1: average of the three scores above (rule in `load_complex`)
+    aesthetic               LAION aesthetic predictor v2 as DDPO uses it: MLP head on the L2-normalised
+                            openai/clip-vit-large-patch14 image embedding
+    jpeg_compressibility    DDPO: -(JPEG size at quality 95, in kB)
+    jpeg_incompressibility  DDPO: +(JPEG size at quality 95, in kB)
+    clipscore               2.5 * max(cosine(image, prompt), 0) (Hessel et al.), openai/clip-vit-base-patch32
+    shapes_color, shapes_shape, shapes_texture, shapes_spatial
+                            the shapes world's exact pixel judges (shapes_world.score)
+
+Known gaps with T2I-CompBench's original code, and how they are handled
+1. BLIP question's first token. The original BLIP VQA replaces the question's first token ([CLS]) with
+   [ENC] before the text encoder; transformers' BlipForQuestionAnswering feeds [CLS]. We write [ENC] by
+   default (`first_token="enc"`; its id is the tokenizer's "[ENC]", else BLIP's [DEC] id + 1, the order
+   BLIP adds them in), since that is the input the checkpoint was fine-tuned with. `first_token="cls"`
+   gives transformers' behaviour.
+2. BLIP input size. CompBench runs the VQA checkpoint at 480 px; the transformers conversion of
+   blip-vqa-capfilt-large is configured for 384 px (position embeddings interpolated once, at
+   conversion). We default to the converted 384 px; `image_size=480` re-interpolates the position
+   embeddings (`interpolate_pos_encoding`) to approximate the original input size.
+3. Yes probability. We score p(yes) / (p(yes) + p(no)) from the first decoder step (both tokens are one
+   BERT word-piece). `normalise=False` returns the raw softmax p(yes) over the whole vocabulary instead.
+4. Question padding. The original decoder attends to the padded question (its mask is all ones), so a
+   score depends on the other questions in its batch; transformers 5.x's BLIP text cross-attention drops
+   the mask too (found by our batching test). We never pad: questions of equal token length are batched
+   together, which equals the original's batch-of-one computation, whatever the library version.
+5. Noun phrases. CompBench uses spaCy noun chunks; we use a rule-based splitter (`split_noun_phrases`)
+   that handles CompBench's attribute-binding forms; `splitter="spacy"` uses spaCy if it is installed.
+6. Image preprocessing runs in torch on the reward's device (resize with antialiasing, centre crop,
+   normalise with the processor's mean/std), not in PIL on the CPU; the tests bound the difference.
+7. spatial: UniDet's closed label set and confidences are replaced by OWLv2 text queries
+   "a photo of a {noun}" and their sigmoid scores; the rule on top (centres, IoU, thresholds, the
+   0.25 + 0.25 + 0.5 combination, zero below 0.5) is CompBench's, with its 150 px distance threshold
+   taken relative to a 512 px image. CompBench's "on top of" never matches its own rule (scores 0); we
+   treat it as "on the top of". The numbers are therefore NOT comparable with published UniDet scores.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
+
+BLIP_VQA_MODEL = "Salesforce/blip-vqa-capfilt-large"
+OWLV2_MODEL = "google/owlv2-base-patch16-ensemble"
+CLIP_B32_MODEL = "openai/clip-vit-base-patch32"
+CLIP_L14_MODEL = "openai/clip-vit-large-patch14"
+AESTHETIC_HEAD_URL = (
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+    "sac+logos+ava1-l14-linearMSE.pth"
+)
+
+REWARD_NAMES = (
+    "color",
+    "shape",
+    "texture",
+    "spatial",
+    "non_spatial",
+    "complex",
+    "aesthetic",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "clipscore",
+    "shapes_color",
+    "shapes_shape",
+    "shapes_texture",
+    "shapes_spatial",
+)
+COMPBENCH_CATEGORIES = (
+    "color",
+    "shape",
+    "texture",
+    "spatial",
+    "non_spatial",
+    "complex",
+)
+
+
+# ====================================================================================================
+# Shared helpers: inputs, dtype, loading, preprocessing
+# ====================================================================================================
+def check_inputs(images: torch.Tensor, prompts: list[str]) -> None:
+    """Raise a clear error unless images is (N, 3, H, W) and there are N prompts."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"images must be (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}"
+        )
+    if len(prompts) != images.shape[0]:
+        raise ValueError(
+            f"got {images.shape[0]} images but {len(prompts)} prompts; pass one prompt per image"
+        )
+
+
+def resolve_dtype(
+    device: str | torch.device, dtype: str | torch.dtype | None
+) -> torch.dtype:
+    """None -> bfloat16 on CUDA, float32 elsewhere; strings like "bfloat16" -> torch.bfloat16."""
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    value = (
+        dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
+    )
+    if isinstance(value, torch.dtype):
+        return value
+    raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+
+
+def from_pretrained(cls, model: str, **kwargs):
+    """cls.from_pretrained(model) with a clear error when the weights are neither local nor reachable."""
+    if os.path.isdir(model):
+        kwargs["local_files_only"] = True
+    try:
+        return cls.from_pretrained(model, **kwargs)
+    except (
+        OSError,
+        ValueError,
+    ) as error:  # missing files: OSError (hub/offline) or ValueError (AutoProcessor)
+        raise RuntimeError(
+            f"could not load {cls.__name__} weights from {model!r} ({error}). Without internet access, "
+            f"download them elsewhere (e.g. `huggingface-cli download {model} --local-dir DIR`) and pass "
+            f"the folder as the model option (model=DIR), or point HF_HOME at a cache that holds them."
+        ) from error
+
+
+def model_pixels(
+    images: torch.Tensor,
+    size: int,
+    mean: list[float],
+    std: list[float],
+    crop: int | None = None,
+    mode: str = "bicubic",
+    pad_value: float | None = None,
+) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> normalised model input, as the transformers processors compute it.
+
+    crop None: resize to (size, size) (BLIP, OWLv2) -> (N, 3, size, size).
+    crop c:    resize the short side to `size`, centre-crop c x c (CLIP) -> (N, 3, c, c).
+    pad_value: first pad bottom/right to a square with this value (OWLv2).
+    """
+    if pad_value is not None:
+        side = max(images.shape[-2:])
+        pad = (0, side - images.shape[-1], 0, side - images.shape[-2])
+        images = F.pad(images, pad, value=pad_value)
+    height, width = images.shape[-2:]
+    new_size = (size, size)
+    if crop:  # the short side becomes `size`, the long side keeps the aspect ratio (floored, as transformers)
+        long = int(size * max(height, width) / min(height, width))
+        new_size = (size, long) if height <= width else (long, size)
+    x = F.interpolate(
+        images, size=new_size, mode=mode, antialias=True, align_corners=False
+    )
+    crop = crop or size
+    top, left = (new_size[0] - crop) // 2, (new_size[1] - crop) // 2
+    x = x[..., top : top + crop, left : left + crop].clamp(0, 1)  # (N, 3, crop, crop)
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def processor_geometry(
+    image_processor,
+) -> tuple[int, list[float], list[float], int | None]:
+    """(resize px, mean, std, crop px or None) of a transformers image processor: `model_pixels`' arguments."""
+    size = image_processor.size
+    resize = size.get("shortest_edge") or size.get("height")
+    crop = (
+        image_processor.crop_size["height"]
+        if getattr(image_processor, "do_center_crop", False)
+        else None
+    )
+    return (
+        int(resize),
+        list(image_processor.image_mean),
+        list(image_processor.image_std),
+        crop,
+    )
+
+
+def image_features(output) -> torch.Tensor:
+    """get_image_features / get_text_features return a tensor in older transformers, a pooled output in v5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+# ====================================================================================================
+# JPEG (DDPO): file size at quality 95
+# ====================================================================================================
+def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> (N,) JPEG size in kB (1 kB = 1000 bytes) of the 8-bit images."""
+    from PIL import Image
+
+    pixels = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (N, 3, H, W) -> (N, H, W, 3)
+    sizes = []
+    for array in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        sizes.append(buffer.tell() / 1000)
+    return torch.tensor(sizes, dtype=torch.float32)
+
+
+def load_jpeg(sign: float) -> Callable[..., RewardFn]:
+    def loader(device: str | torch.device = "cpu", quality: int = 95) -> RewardFn:
+        def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            check_inputs(images, prompts)
+            # r = -size (compressibility) or +size (incompressibility)
+            return sign * jpeg_size_kb(images, quality)
+
+        return reward
+
+    return loader
+
+
+# ====================================================================================================
+# BLIP-VQA (T2I-CompBench attribute binding): noun phrases, yes/no arithmetic, product
+# ====================================================================================================
+def words(text: str) -> set[str]:
+    """The set of the space-separated words of `text`."""
+    return set(text.split())
+
+
+COLOR_WORDS = words(
+    "red orange yellow green blue purple pink brown black white gray grey gold golden "
+    "silver beige violet cyan magenta turquoise maroon navy teal"
+)
+SHAPE_WORDS = words(
+    "round square rectangular triangular oval circular spherical cubic cylindrical "
+    "conical pyramidal hexagonal octagonal big small large tiny tall short long wide flat "
+    "curved"
+)
+TEXTURE_WORDS = words(
+    "wooden metallic plastic fluffy leather glass rubber fabric furry woolen wool ceramic "
+    "stone silk velvet smooth rough soft shiny striped dotted solid"
+)
+ATTRIBUTE_WORDS = COLOR_WORDS | SHAPE_WORDS | TEXTURE_WORDS
+DETERMINERS = words("a an the one two three four some this that")
+# Words that end a noun phrase: prepositions, relation words, and the verbs of CompBench's prompts.
+BOUNDARY_WORDS = words(
+    "on in of at with under over above below behind beside near next to into onto from by "
+    "inside outside while who which is are was were sits sitting sat stands standing "
+    "stood lies lying placed rests resting has have holding"
+)
+SPACY: dict = {}  # the spaCy pipeline, loaded on first use
+NOT_OBJECTS = {
+    "top",
+    "the top",
+    "side",
+    "the side",
+    "left",
+    "the left",
+    "right",
+    "the right",
+    "bottom",
+}
+
+
+def split_noun_phrases(prompt: str) -> list[str]:
+    """Rule-based noun phrases of a CompBench prompt, in order.
+
+    "a green bench and a red car"             -> ["a green bench", "a red car"]
+    "a blue backpack and a red and white bowl" -> ["a blue backpack", "a red and white bowl"]
+    A phrase ends at a determiner that starts a new one, at a boundary word (preposition, verb) and
+    at "and" unless "and" joins two attributes ("red and white").
+    """
+    words = re.findall(r"[a-z0-9'-]+", prompt.lower())
+    phrases, current = [], []
+    for i, word in enumerate(words):
+        before = words[i - 1] if i > 0 else ""
+        after = words[i + 1] if i + 1 < len(words) else ""
+        joins_attributes = (
+            word == "and" and before in ATTRIBUTE_WORDS and after in ATTRIBUTE_WORDS
+        )
+        starts_new = word in DETERMINERS and any(w not in DETERMINERS for w in current)
+        if (
+            (word == "and" and not joins_attributes)
+            or word in BOUNDARY_WORDS
+            or starts_new
+        ):
+            phrases.append(" ".join(current))
+            current = [] if word in BOUNDARY_WORDS or word == "and" else [word]
+        else:
+            current.append(word)
+    phrases.append(" ".join(current))
+    return [
+        p
+        for p in phrases
+        if p and p not in NOT_OBJECTS and p.split()[-1] not in DETERMINERS
+    ]
+
+
+def spacy_noun_phrases(prompt: str) -> list[str]:
+    """CompBench's own splitter: spaCy en_core_web_sm noun chunks (optional dependency)."""
+    try:
+        import spacy
+
+        if "nlp" not in SPACY:
+            SPACY["nlp"] = spacy.load("en_core_web_sm")
+    except (ImportError, OSError) as error:
+        raise RuntimeError(
+            f"splitter='spacy' needs spaCy and en_core_web_sm ({error}); install them with "
+            "`pip install spacy && python -m spacy download en_core_web_sm`, or use the default splitter"
+        ) from error
+    return [
+        chunk.text
+        for chunk in SPACY["nlp"](prompt).noun_chunks
+        if chunk.text.lower() not in NOT_OBJECTS
+    ]
+
+
+def yes_probability(
+    first_step_logits: torch.Tensor, yes_id: int, no_id: int, normalise: bool = True
+) -> torch.Tensor:
+    """(M, V) logits of the first answer token -> (M,) P(yes).
+
+    normalise: p(yes) / (p(yes) + p(no)) = softmax over the pair {yes, no}; else softmax over the vocabulary.
+    """
+    logits = first_step_logits.float()
+    if normalise:
+        pair = logits[:, [yes_id, no_id]]  # (M, V) -> (M, 2)
+        return pair.softmax(dim=-1)[:, 0]
+    return logits.softmax(dim=-1)[:, yes_id]
+
+
+def product_over_phrases(p_yes: torch.Tensor, phrase_counts: list[int]) -> torch.Tensor:
+    """(sum(counts),) per-question P(yes), grouped by prompt -> (N,) score_i = prod_j P(yes | phrase_ij)."""
+    groups = torch.split(p_yes, phrase_counts)
+    return torch.stack([g.prod() for g in groups])
+
+
+def question_token_id(tokenizer, config, first_token: str) -> int | None:
+    """Id written over the question's first token: [ENC] (original BLIP) or None (keep [CLS])."""
+    if first_token == "cls":
+        return None
+    if first_token != "enc":
+        raise ValueError(f"first_token must be 'enc' or 'cls', got {first_token!r}")
+    vocab = tokenizer.get_vocab()
+    # BLIP's tokenizer adds [DEC] (bos) and then [ENC], so [ENC] = [DEC] + 1 when the tokenizer lacks it.
+    enc_id = vocab.get("[ENC]", config.text_config.bos_token_id + 1)
+    if enc_id >= config.text_config.vocab_size:
+        raise ValueError(
+            f"[ENC] id {enc_id} is outside the text vocabulary; use first_token='cls'"
+        )
+    return enc_id
+
+
+def load_blip_vqa(
+    device: str | torch.device = "cpu",
+    model: str = BLIP_VQA_MODEL,
+    dtype: str | torch.dtype | None = None,
+    first_token: str = "enc",
+    image_size: int | None = None,
+    normalise: bool = True,
+    splitter: str = "rules",
+    batch_size: int = 64,
+) -> RewardFn:
+    """T2I-CompBench BLIP-VQA score: prod over noun phrases of P(yes | image, "<phrase>?")."""
+    from transformers import AutoProcessor, BlipForQuestionAnswering
+
+    dtype = resolve_dtype(device, dtype)
+    processor = from_pretrained(AutoProcessor, model)
+    net = (
+        from_pretrained(BlipForQuestionAnswering, model, dtype=dtype).to(device).eval()
+    )
+    tokenizer = processor.tokenizer
+    yes_id, no_id = tokenizer.convert_tokens_to_ids(["yes", "no"])
+    if tokenizer.unk_token_id in (yes_id, no_id):
+        raise ValueError(f"the tokenizer of {model!r} has no single 'yes'/'no' tokens")
+    enc_id = question_token_id(tokenizer, net.config, first_token)
+    native_size, mean, std, _ = processor_geometry(processor.image_processor)
+    size = image_size or native_size
+    phrases_of = {"rules": split_noun_phrases, "spacy": spacy_noun_phrases}[splitter]
+
+    @torch.no_grad()
+    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_inputs(images, prompts)
+        # a prompt without any phrase is asked as a whole, so it can never score a free 1.0
+        phrases = [phrases_of(p) or [p] for p in prompts]
+        questions = [f"{phrase}?" for ps in phrases for phrase in ps]
+        image_index = torch.tensor(
+            [i for i, ps in enumerate(phrases) for _ in ps], device=device
+        )
+        pixels = model_pixels(images.to(device, torch.float32), size, mean, std).to(
+            dtype
+        )
+        # each image is encoded once: (N, 3, S, S) -> (N, P, D)
+        image_embeds = net.vision_model(
+            pixel_values=pixels, interpolate_pos_encoding=size != native_size
+        )
+        image_embeds = image_embeds.last_hidden_state
+        token_ids = tokenizer(questions)["input_ids"]
+        p_yes = torch.empty(len(questions))
+        # questions of equal token length are batched together, never padded (gap 4 in the docstring)
+        for chunk in equal_length_chunks(token_ids, batch_size):
+            input_ids = torch.tensor(
+                [token_ids[j] for j in chunk], device=device
+            )  # (M, L)
+            logits = first_answer_logits(
+                net, input_ids, image_embeds[image_index[chunk]], enc_id
+            )
+            p_yes[chunk] = yes_probability(logits, yes_id, no_id, normalise).cpu()
+        return product_over_phrases(p_yes, [len(ps) for ps in phrases]).float()
+
+    return reward
+
+
+def equal_length_chunks(token_ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices of the sequences grouped by length, in chunks of at most batch_size."""
+    by_length: dict[int, list[int]] = {}
+    for index, ids in enumerate(token_ids):
+        by_length.setdefault(len(ids), []).append(index)
+    return [
+        group[i : i + batch_size]
+        for group in by_length.values()
+        for i in range(0, len(group), batch_size)
+    ]
+
+
+def first_answer_logits(
+    net, input_ids: torch.Tensor, image_embeds: torch.Tensor, enc_id: int | None
+) -> torch.Tensor:
+    """Logits (M, V) of the answer's first token for M unpadded questions (M, L) and image embeddings (M, P, D)."""
+    if enc_id is not None:
+        input_ids = input_ids.clone()
+        input_ids[:, 0] = enc_id  # [CLS] -> [ENC], as the original BLIP VQA (gap 1)
+    image_mask = torch.ones(
+        image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
+    )
+    question = net.text_encoder(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=image_mask,
+    ).last_hidden_state  # (M, L, D)
+    bos = torch.full(
+        (len(input_ids), 1), net.decoder_start_token_id, device=input_ids.device
+    )
+    answer = net.text_decoder(
+        input_ids=bos,
+        encoder_hidden_states=question,
+        encoder_attention_mask=torch.ones_like(input_ids),
+    )
+    return answer.logits[:, -1, :]  # (M, 1, V) -> (M, V)
+
+
+# ====================================================================================================
+# spatial: T2I-CompBench's UniDet rule on OWLv2 detections (an APPROXIMATION, see gap 7)
+# ====================================================================================================
+# CompBench's relation vocabulary, in its search order ("above"/"below" added for the shapes world).
+SPATIAL_RELATIONS = (
+    "on side of",
+    "next to",
+    "near",
+    "on the left of",
+    "on the right of",
+    "on the bottom of",
+    "on the top of",
+    "on top of",
+    "above",
+    "below",
+)
+RELATION_AXIS = {
+    "on top of": "on the top of",
+    "above": "on the top of",
+    "below": "on the bottom of",
+}
+NOT_NOUNS = (
+    BOUNDARY_WORDS | DETERMINERS | ATTRIBUTE_WORDS | {"and", "it", "its", "their"}
+)
+
+
+def parse_spatial_prompt(prompt: str) -> tuple[str, str, str] | None:
+    """ "a balloon on the top of a giraffe" -> ("balloon", "on the top of", "giraffe"); None if no relation."""
+    text = " ".join(re.findall(r"[a-z0-9'-]+", prompt.lower()))
+    for relation in SPATIAL_RELATIONS:
+        match = re.search(rf"\b{relation}\b", text)
+        if match:
+            before = [w for w in text[: match.start()].split() if w not in NOT_NOUNS]
+            after = split_noun_phrases(text[match.end() :])
+            if before and after:
+                return before[-1], relation, after[0].split()[-1]
+    return None
+
+
+def relation_score(
+    relation: str,
+    box1: torch.Tensor,
+    box2: torch.Tensor,
+    iou_threshold: float = 0.1,
+    distance: float = 150 / 512,
+) -> float:
+    """CompBench's soft position score of object 1 `relation` object 2; boxes (x0, y0, x1, y1), y down."""
+    relation = RELATION_AXIS.get(relation, relation)
+    dx, dy = (
+        (box2[:2] + box2[2:]) / 2 - (box1[:2] + box1[2:]) / 2
+    ).tolist()  # centre2 - centre1
+    iou = box_iou(box1, box2)
+    if relation in ("next to", "on side of", "near"):
+        # close along either axis -> 1, else decays as distance / max(|dx|, |dy|)
+        return (
+            1.0
+            if min(abs(dx), abs(dy)) < distance
+            else distance / max(abs(dx), abs(dy))
+        )
+    along, across, sign = {
+        "on the left of": (dx, dy, 1),
+        "on the right of": (dx, dy, -1),
+        "on the top of": (dy, dx, 1),
+        "on the bottom of": (dy, dx, -1),
+    }[relation]
+    # the relation's axis must dominate, with the right sign; overlap above iou_threshold is penalised
+    if sign * along <= 0 or abs(along) <= abs(across):
+        return 0.0
+    return 1.0 if iou < iou_threshold else iou_threshold / iou
+
+
+def box_iou(box1: torch.Tensor, box2: torch.Tensor) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    overlap = (
+        torch.minimum(box1[2:], box2[2:]) - torch.maximum(box1[:2], box2[:2])
+    ).clamp(min=0)
+    intersection = overlap.prod()
+    union = (box1[2:] - box1[:2]).prod() + (box2[2:] - box2[:2]).prod() - intersection
+    return float(intersection / union) if union > 0 else 0.0
+
+
+def spatial_rule(
+    relation: str, found: list[tuple[float, torch.Tensor] | None]
+) -> float:
+    """CompBench's combination of two detections (confidence, box) or None, and the position score."""
+    first, second = found
+    if first is not None and second is not None:
+        # score = 0.25 c1 + 0.25 c2 + 0.5 position
+        score = (
+            0.25 * first[0]
+            + 0.25 * second[0]
+            + 0.5 * relation_score(relation, first[1], second[1])
+        )
+    else:
+        score = 0.25 * sum(d[0] for d in found if d is not None)
+    return score if score >= 0.5 else 0.0  # CompBench zeroes every score below 0.5
+
+
+def load_spatial(
+    device: str | torch.device = "cpu",
+    model: str = OWLV2_MODEL,
+    dtype: str | torch.dtype | None = None,
+    box_threshold: float = 0.1,
+) -> RewardFn:
+    """APPROXIMATION of T2I-CompBench's UniDet spatial score, with OWLv2 as the detector."""
+    from transformers import AutoProcessor, Owlv2ForObjectDetection
+
+    dtype = resolve_dtype(device, dtype)
+    processor = from_pretrained(AutoProcessor, model)
+    net = from_pretrained(Owlv2ForObjectDetection, model, dtype=dtype).to(device).eval()
+    size, mean, std, _ = processor_geometry(processor.image_processor)
+    max_length = net.config.text_config.max_position_embeddings
+
+    @torch.no_grad()
+    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_inputs(images, prompts)
+        parsed = [
+            parse_spatial_prompt(p) or ("object", None, "object") for p in prompts
+        ]
+        queries = [
+            f"a photo of a {noun}" for obj1, _, obj2 in parsed for noun in (obj1, obj2)
+        ]
+        tokens = processor.tokenizer(
+            queries,
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).to(device)  # (2N, L): two queries per image
+        pixels = model_pixels(
+            images.to(device, torch.float32),
+            size,
+            mean,
+            std,
+            mode="bilinear",
+            pad_value=0.5,
+        )
+        out = net(
+            input_ids=tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            pixel_values=pixels.to(dtype),
+        )
+        confidence = out.logits.float().sigmoid()  # (N, patches, 2)
+        best, patch = confidence.max(dim=1)  # (N, 2)
+        scores = []
+        for i, (_, relation, _) in enumerate(parsed):
+            found = [
+                detection(out.pred_boxes[i], best[i, q], patch[i, q], box_threshold)
+                for q in (0, 1)
+            ]
+            scores.append(spatial_rule(relation, found) if relation else 0.0)
+        return torch.tensor(scores, dtype=torch.float32)
+
+    return reward
+
+
+def detection(
+    boxes: torch.Tensor, confidence: torch.Tensor, patch: torch.Tensor, threshold: float
+):
+    """(confidence, (x0, y0, x1, y1) box in [0, 1] of the padded square) of the best patch, or None."""
+    if confidence < threshold:
+        return None
+    cx, cy, w, h = boxes[patch].float().cpu()
+    return float(confidence), torch.stack(
+        [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+    )
+
+
+# ====================================================================================================
+# CLIP: non_spatial (CompBench CLIPScore, raw cosine) and clipscore (2.5 * max(cos, 0))
+# ====================================================================================================
+def load_clip_cosine(
+    device: str | torch.device = "cpu",
+    model: str = CLIP_B32_MODEL,
+    dtype: str | torch.dtype | None = None,
+) -> RewardFn:
+    """(images, prompts) -> (N,) cosine(f_image, f_text) of a CLIP model."""
+    from transformers import AutoProcessor, CLIPModel
+
+    dtype = resolve_dtype(device, dtype)
+    processor = from_pretrained(AutoProcessor, model)
+    net = from_pretrained(CLIPModel, model, dtype=dtype).to(device).eval()
+    geometry = processor_geometry(processor.image_processor)
+    max_length = net.config.text_config.max_position_embeddings
+
+    @torch.no_grad()
+    def cosine(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_inputs(images, prompts)
+        pixels = model_pixels(images.to(device, torch.float32), *geometry).to(dtype)
+        tokens = processor.tokenizer(
+            prompts,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)
+        f_image = image_features(
+            net.get_image_features(pixel_values=pixels)
+        ).float()  # (N, E)
+        f_text = image_features(net.get_text_features(**tokens)).float()  # (N, E)
+        # cos = <f_image, f_text> / (|f_image| |f_text|)
+        return F.cosine_similarity(f_image, f_text, dim=-1).cpu()
+
+    return cosine
+
+
+def load_non_spatial(device: str | torch.device = "cpu", **options) -> RewardFn:
+    """T2I-CompBench's non-spatial score: the raw CLIP ViT-B/32 cosine similarity."""
+    return load_clip_cosine(device, **options)
+
+
+def load_clipscore(device: str | torch.device = "cpu", **options) -> RewardFn:
+    """CLIPScore (Hessel et al. 2021): 2.5 * max(cos, 0)."""
+    cosine = load_clip_cosine(device, **options)
+    return lambda images, prompts: 2.5 * cosine(images, prompts).clamp(min=0)
+
+
+# ====================================================================================================
+# complex: T2I-CompBench 3-in-1
+# ====================================================================================================
+def without_attributes(prompt: str) -> str:
+    """CompBench feeds CLIP the complex prompt with its adjectives removed (we drop our attribute words)."""
+    return " ".join(
+        w for w in prompt.split() if w.lower().strip(",.") not in ATTRIBUTE_WORDS
+    )
+
+
+def load_complex(
+    device: str | torch.device = "cpu",
+    blip_model: str = BLIP_VQA_MODEL,
+    detector_model: str = OWLV2_MODEL,
+    clip_model: str = CLIP_B32_MODEL,
+    dtype: str | torch.dtype | None = None,
+) -> RewardFn:
+    """3-in-1: attribute (BLIP-VQA) averaged with spatial (detector rule) or action (CLIP) scores.
+
+    CompBench splits its complex prompts into spatial / action / other lists; a prompt with a spatial
+    relation is scored (attribute + spatial) / 2, otherwise (attribute + CLIP) / 2 (our rule for the
+    lists, which we do not ship; CompBench's 'other' prompts average all three).
+    """
+    attribute = load_blip_vqa(device, model=blip_model, dtype=dtype)
+    spatial = load_spatial(device, model=detector_model, dtype=dtype)
+    action = load_clip_cosine(device, model=clip_model, dtype=dtype)
+
+    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        is_spatial = torch.tensor(
+            [parse_spatial_prompt(p) is not None for p in prompts]
+        )
+        a = attribute(images, prompts)
+        second = torch.where(
+            is_spatial,
+            spatial(images, prompts),
+            action(images, [without_attributes(p) for p in prompts]),
+        )
+        return (a + second) / 2
+
+    return reward
+
+
+# ====================================================================================================
+# aesthetic: LAION aesthetic predictor v2 (as DDPO uses it)
+# ====================================================================================================
+def aesthetic_head() -> torch.nn.Sequential:
+    """The predictor's MLP, layer for layer (indices match the upstream state dict: layers.0 ... layers.7)."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(768, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
+    )
+
+
+def fetch_aesthetic_head(
+    url: str = AESTHETIC_HEAD_URL, cache_dir: str | None = None
+) -> Path:
+    """Download the head's weights once into the cache (~/.cache/loop by default); return the path."""
+    cache = (
+        Path(cache_dir or os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "loop"
+    )
+    path = cache / url.rsplit("/", 1)[-1]
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data = response.read()
+    except OSError as error:
+        raise RuntimeError(
+            f"could not download the aesthetic head from {url} ({error}). Offline, download that file "
+            f"elsewhere and pass its path: load_reward('aesthetic', head='/path/to/{path.name}') "
+            f"(or place it at {path})."
+        ) from error
+    path.with_suffix(".part").write_bytes(data)
+    path.with_suffix(".part").rename(path)
+    return path
+
+
+def load_aesthetic(
+    device: str | torch.device = "cpu",
+    model: str = CLIP_L14_MODEL,
+    head: str | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> RewardFn:
+    """score = MLP(e / |e|), e the CLIP ViT-L/14 image embedding; head = local .pth path or None (fetch)."""
+    from transformers import AutoProcessor, CLIPModel
+
+    dtype = resolve_dtype(device, dtype)
+    processor = from_pretrained(AutoProcessor, model)
+    net = from_pretrained(CLIPModel, model, dtype=dtype).to(device).eval()
+    mlp = aesthetic_head()
+    mlp.load_state_dict(
+        torch.load(
+            head or fetch_aesthetic_head(), map_location="cpu", weights_only=True
+        )
+    )
+    mlp = mlp.to(device).eval()  # the head stays in float32: it is tiny
+    geometry = processor_geometry(processor.image_processor)
+
+    @torch.no_grad()
+    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_inputs(images, prompts)
+        pixels = model_pixels(images.to(device, torch.float32), *geometry).to(dtype)
+        embedding = image_features(
+            net.get_image_features(pixel_values=pixels)
+        ).float()  # (N, 768)
+        embedding = embedding / embedding.norm(dim=-1, keepdim=True)
+        return mlp(embedding).squeeze(1).cpu()  # (N, 1) -> (N,)
+
+    return reward
+
+
+# ====================================================================================================
+# The shapes world's exact judges (shapes_world.py), imported at load time
+# ====================================================================================================
+def load_shapes(category: str) -> Callable[..., RewardFn]:
+    def loader(device: str | torch.device = "cpu") -> RewardFn:
+        import shapes_world
+
+        def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            check_inputs(images, prompts)
+            return (
+                shapes_world.score(images.detach().float().cpu(), prompts, category)
+                .float()
+                .cpu()
+            )
+
+        return reward
+
+    return loader
+
+
+# ====================================================================================================
+# The one entry point
+# ====================================================================================================
+LOADERS = {
+    "color": load_blip_vqa,
+    "shape": load_blip_vqa,
+    "texture": load_blip_vqa,
+    "spatial": load_spatial,
+    "non_spatial": load_non_spatial,
+    "complex": load_complex,
+    "aesthetic": load_aesthetic,
+    "jpeg_compressibility": load_jpeg(-1.0),
+    "jpeg_incompressibility": load_jpeg(+1.0),
+    "clipscore": load_clipscore,
+    "shapes_color": load_shapes("color"),
+    "shapes_shape": load_shapes("shape"),
+    "shapes_texture": load_shapes("texture"),
+    "shapes_spatial": load_shapes("spatial"),
+}
+assert tuple(LOADERS) == REWARD_NAMES
+
+
+def load_reward(name: str, device: str | torch.device = "cpu", **options) -> RewardFn:
+    """Load reward `name` once; returns fn(images (N, 3, H, W) in [0, 1], prompts) -> (N,) float32 on CPU."""
+    if name not in LOADERS:
+        raise ValueError(
+            f"unknown reward {name!r}; valid rewards: {', '.join(REWARD_NAMES)}"
+        )
+    return LOADERS[name](device, **options)
+
+
+# ====================================================================================================
+# T2I-CompBench prompt files
+# ====================================================================================================
+def load_prompts(folder: str, category: str, split: str = "train") -> list[str]:
+    """Prompts of `<folder>/<category>_<split>.txt`, one per line (T2I-CompBench's dataset files)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    path = Path(folder) / f"{category}_{split}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found. T2I-CompBench's prompt files ({', '.join(COMPBENCH_CATEGORIES)} x train/val) "
+            "are in examples/dataset/ of https://github.com/Karine-Huang/T2I-CompBench; pass that folder."
+        )
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+# ====================================================================================================
+# Evaluation command (CompBench style): M images per prompt, fixed seeds, mean and per-prompt scores
+# ====================================================================================================
+def resolve_reward_name(model: str, reward: str) -> str:
+    """In the shapes world (a folder with shapes_world.json) 'color' means the exact judge 'shapes_color'."""
+    is_shapes = os.path.isfile(os.path.join(model, "shapes_world.json"))
+    if is_shapes and f"shapes_{reward}" in REWARD_NAMES:
+        print(
+            f"shapes-world model: reward {reward!r} resolved to 'shapes_{reward}' (exact pixel judge)"
+        )
+        return f"shapes_{reward}"
+    return reward
+
+
+def load_pipeline(model: str, lora: str | None, device: str, dtype: torch.dtype):
+    """StableDiffusionPipeline (+ optional LoRA) with a DDIM scheduler; a local folder never touches the net."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    local = {"local_files_only": True} if os.path.isdir(model) else {}
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model,
+        torch_dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+        **local,
+    )
+    if lora:
+        pipe.load_lora_weights(lora)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def evaluate(
+    prompts: str,
+    reward: str,
+    model: str = "assets/tiny-shapes",
+    lora: str | None = None,
+    images_per_prompt: int = 10,
+    seed: int = 0,
+    out: str | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    eta: float = 0.0,
+    device: str | None = None,
+    dtype: str | None = None,
+    reward_model: str | None = None,
+    limit: int | None = None,
+) -> float:
+    """Score `model` (+ `lora`) on a prompt file: `images_per_prompt` images per prompt, seed + prompt index.
+
+    prompts: file with one prompt per line; reward: a name in REWARD_NAMES (color/shape/texture/spatial
+    become the exact judges for a shapes-world model); reward_model: override the reward's model id;
+    limit: score only the first `limit` prompts. Prints the mean, writes per-prompt scores to `out`.
+    """
+    from tqdm import tqdm
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = resolve_dtype(device, dtype)
+    reward = resolve_reward_name(model, reward)
+    options = {"model": reward_model} if reward_model else {}
+    reward_fn = load_reward(reward, device=device, **options)
+    prompt_list = [
+        line.strip() for line in Path(prompts).read_text().splitlines() if line.strip()
+    ][:limit]
+    if not prompt_list:
+        raise ValueError(f"{prompts} holds no prompts")
+    pipe = load_pipeline(model, lora, device, torch_dtype)
+    results, start = [], time.time()
+    for index, prompt in enumerate(tqdm(prompt_list, desc="evaluate")):
+        generator = torch.Generator(device).manual_seed(seed + index)
+        images = pipe(
+            prompt,
+            num_images_per_prompt=images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            generator=generator,
+            output_type="pt",
+        ).images  # (M, 3, H, W) in [0, 1]
+        scores = reward_fn(images.float(), [prompt] * len(images))
+        results.append(
+            {
+                "prompt": prompt,
+                "seed": seed + index,
+                "mean": scores.mean().item(),
+                "scores": scores.tolist(),
+            }
+        )
+    mean = sum(r["mean"] for r in results) / len(results)
+    print(
+        f"{reward} on {len(results)} prompts x {images_per_prompt} images: mean {mean:.4f} ({time.time() - start:.0f} s)"
+    )
+    if out:
+        summary = {
+            "model": model,
+            "lora": lora,
+            "prompts": prompts,
+            "reward": reward,
+            "images_per_prompt": images_per_prompt,
+        }
+        summary.update(
+            seed=seed,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+        )
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(
+            json.dumps({**summary, "mean": mean, "per_prompt": results}, indent=1)
+        )
+    return mean
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"evaluate": evaluate})
