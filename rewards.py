@@ -894,7 +894,7 @@ def load_pipeline(model: str, lora: str | None, device: str, dtype: torch.dtype)
     local = {"local_files_only": True} if os.path.isdir(model) else {}
     pipe = StableDiffusionPipeline.from_pretrained(
         model,
-        torch_dtype=dtype,
+        dtype=dtype,
         safety_checker=None,
         requires_safety_checker=False,
         **local,

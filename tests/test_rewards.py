@@ -101,7 +101,7 @@ def save_clip_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
 def save_clip(folder: Path, projection_dim: int = 16) -> Path:

@@ -1,0 +1,256 @@
+"""The CompBench-style evaluation command (`python rewards.py evaluate ...`) and the shapes-world judges.
+
+The pipeline is a tiny Stable Diffusion built here from configs with random weights (UNet, VAE, CLIP text
+encoder, a CLIP tokenizer written from a small vocab.json + merges.txt, DDIM scheduler) and saved with
+`save_pretrained`, so the command loads it through `StableDiffusionPipeline.from_pretrained` like a real
+model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_rewards import save_clip_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import rewards
+
+torch.set_num_threads(1)
+
+PROMPTS = [
+    "a red circle and a blue square",
+    "a green triangle on the left of a white circle",
+]
+
+
+def build_tiny_pipeline(folder: Path):
+    """A 32x32-pixel StableDiffusionPipeline (16x16x4 latents) with random weights."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = save_clip_tokenizer(folder / "tokenizer-source")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    scheduler = DDIMScheduler(  # Stable Diffusion's DDIM settings
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_pipeline(root).save_pretrained(root / "model")
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "val.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def save_random_lora(model: Path, folder: Path) -> Path:
+    """A LoRA on the UNet's attention with random A and B (so it changes the images), diffusers format."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    torch.manual_seed(1)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    config = LoraConfig(
+        r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False
+    )
+    unet.add_adapter(config)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet)
+    )
+    return folder
+
+
+EVAL_ARGS = {"images_per_prompt": 2, "num_inference_steps": 3, "guidance_scale": 3.0}
+
+
+def test_evaluate_command_end_to_end(tiny_sd, prompt_file, tmp_path):
+    out = tmp_path / "scores.json"
+    command = [sys.executable, "rewards.py", "evaluate", "--model", str(tiny_sd)]
+    command += ["--prompts", str(prompt_file), "--reward", "jpeg_compressibility"]
+    command += ["--images_per_prompt", "2", "--num_inference_steps", "3", "--seed", "0"]
+    command += ["--guidance_scale", "3.0", "--device", "cpu", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    run = subprocess.run(
+        command,
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "jpeg_compressibility on 2 prompts x 2 images: mean" in run.stdout
+    result = json.loads(out.read_text())
+    assert [r["prompt"] for r in result["per_prompt"]] == PROMPTS
+    assert [r["seed"] for r in result["per_prompt"]] == [0, 1]
+    assert all(
+        len(r["scores"]) == 2 and max(r["scores"]) < 0 for r in result["per_prompt"]
+    )
+    means = [sum(r["scores"]) / 2 for r in result["per_prompt"]]
+    assert result["mean"] == pytest.approx(sum(means) / 2)
+    # the same command in-process gives the same numbers: seeds are fixed per prompt
+    same = rewards.evaluate(
+        str(prompt_file),
+        "jpeg_compressibility",
+        str(tiny_sd),
+        device="cpu",
+        **EVAL_ARGS,
+    )
+    assert same == pytest.approx(result["mean"], abs=1e-6)
+
+
+def test_evaluate_with_lora_changes_the_images(tiny_sd, prompt_file, tmp_path):
+    lora = save_random_lora(tiny_sd, tmp_path / "lora")
+    base = tmp_path / "base.json"
+    tuned = tmp_path / "tuned.json"
+    common = {
+        "prompts": str(prompt_file),
+        "reward": "jpeg_incompressibility",
+        "model": str(tiny_sd),
+    }
+    rewards.evaluate(**common, device="cpu", out=str(base), **EVAL_ARGS)
+    rewards.evaluate(
+        **common, lora=str(lora), device="cpu", out=str(tuned), **EVAL_ARGS
+    )
+    base_scores = [r["scores"] for r in json.loads(base.read_text())["per_prompt"]]
+    tuned_scores = [r["scores"] for r in json.loads(tuned.read_text())["per_prompt"]]
+    assert base_scores != tuned_scores
+    assert json.loads(tuned.read_text())["lora"] == str(lora)
+
+
+def test_evaluate_rejects_an_empty_prompt_file(tiny_sd, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        rewards.evaluate(str(empty), "jpeg_compressibility", str(tiny_sd), device="cpu")
+
+
+def test_shapes_world_model_resolves_compbench_names(tmp_path, capsys):
+    (tmp_path / "shapes_world.json").write_text(json.dumps({"world": "shapes"}))
+    assert rewards.resolve_reward_name(str(tmp_path), "color") == "shapes_color"
+    assert "resolved to 'shapes_color'" in capsys.readouterr().out
+    assert rewards.resolve_reward_name(str(tmp_path), "spatial") == "shapes_spatial"
+    assert rewards.resolve_reward_name(str(tmp_path), "aesthetic") == "aesthetic"
+    assert rewards.resolve_reward_name(str(tmp_path.parent), "color") == "color"
+
+
+def test_evaluate_on_a_shapes_world_folder_uses_the_exact_judge(
+    tiny_sd, prompt_file, tmp_path, capsys
+):
+    model = tmp_path / "shapes-model"
+    shutil.copytree(tiny_sd, model)
+    (model / "shapes_world.json").write_text(json.dumps({"world": "shapes"}))
+    out = tmp_path / "scores.json"
+    rewards.evaluate(
+        str(prompt_file), "color", str(model), device="cpu", out=str(out), **EVAL_ARGS
+    )
+    assert "resolved to 'shapes_color'" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["reward"] == "shapes_color"
+    assert all(0 <= s <= 1 for r in result["per_prompt"] for s in r["scores"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shapes-world judges through load_reward
+# ----------------------------------------------------------------------------------------------------
+def rendered_scene() -> tuple[torch.Tensor, str]:
+    """A red circle left of a blue square, drawn by the world's renderer, and a prompt that matches it."""
+    import shapes_world as W
+
+    objects = [
+        W.Obj("red", "circle", "solid", 16, 32, 10),
+        W.Obj("blue", "square", "solid", 48, 32, 10),
+    ]
+    return W.to_tensor(W.render(objects)), "a red circle on the left of a blue square"
+
+
+@pytest.mark.parametrize("category", ["color", "shape", "texture", "spatial"])
+def test_shapes_judges_wrap_shapes_world_score(category):
+    import shapes_world as W
+
+    image, prompt = rendered_scene()
+    reward = rewards.load_reward(f"shapes_{category}")
+    prompts = [prompt, prompt.replace("red", "green").replace("left", "right")]
+    images = torch.stack([image, image])
+    if category == "texture":
+        prompts = [
+            "a solid circle and a solid square",
+            "a striped circle and a dotted square",
+        ]
+    if category != "spatial":
+        prompts = [
+            p.replace(" on the left of ", " and ").replace(" on the right of ", " and ")
+            for p in prompts
+        ]
+    scores = reward(images, prompts)
+    torch.testing.assert_close(scores, W.score(images, prompts, category))
+    assert scores.dtype == torch.float32 and scores.shape == (2,)
+    assert (
+        scores[0] > 0.5 > scores[1]
+    )  # the matching prompt scores high, the mismatched one low
