@@ -1011,21 +1011,20 @@ def resolve_reward_and_prompts(
         raise UsageError(
             f"no prompts for --reward {reward}; pass --train_prompts FILE or --prompt_dir DIR"
         )
-    evaluation = (
-        Path(cfg.eval_prompts)
-        if cfg.eval_prompts
-        else train.with_name(train.name.replace("_train.txt", "_val.txt"))
-    )
-    if not cfg.eval_prompts and not evaluation.is_file():
-        evaluation = train  # a plain prompt file without a *_val.txt: evaluate on (fixed) training prompts
-        print(
-            f"no held-out prompt file next to {train}: evaluating on its first {cfg.num_eval_prompts} prompts"
+    train_prompts = read_prompts(train, "training")
+    if cfg.eval_prompts:
+        evaluation = Path(cfg.eval_prompts)
+    else:
+        evaluation = train.with_name(train.name.replace("_train.txt", "_val.txt"))
+    if not cfg.eval_prompts and (evaluation == train or not evaluation.is_file()):
+        evaluation = (
+            train  # a plain prompt file without *_val.txt: fixed training prompts
         )
-    return (
-        reward,
-        read_prompts(train, "training"),
-        read_prompts(evaluation, "held-out")[: cfg.num_eval_prompts],
-    )
+        print(
+            f"no held-out prompt file next to {train}: evaluating on its first prompts"
+        )
+    eval_prompts = read_prompts(evaluation, "held-out")[: cfg.num_eval_prompts]
+    return reward, train_prompts, eval_prompts
 
 
 def check_config(cfg: Config, world: int) -> dict:
@@ -1039,10 +1038,12 @@ def check_config(cfg: Config, world: int) -> dict:
             f"--algo {cfg.algo} needs K >= 2 images per prompt for the leave-one-out baseline; "
             f"pass --k 2 or more (got {cfg.k})"
         )
-    if cfg.k < 1 or cfg.eta <= 0:
+    if cfg.k < 1:
+        raise UsageError(f"--k {cfg.k}: need at least one image per prompt")
+    if cfg.eta <= 0:
         raise UsageError(
-            f"--k must be >= 1 and --eta > 0 (the policy must be stochastic); got k={cfg.k}, "
-            f"eta={cfg.eta}: pass e.g. --eta 1.0"
+            f"--eta {cfg.eta}: DDIM must be stochastic (eta > 0) to have a policy log-prob; "
+            "pass e.g. --eta 1.0"
         )
     if cfg.normalize_advantage not in NORMALIZATIONS:
         raise UsageError(
@@ -1349,6 +1350,9 @@ def main(cfg: Config) -> Path:
 def config_from_flags(flags: dict) -> Config:
     """Build a Config from --flags (type-checked); with --resume, start from the run's config.json."""
     hints = typing.get_type_hints(Config)
+    if flags.pop("help", None) or flags.pop("h", None):
+        print(cli.__doc__)
+        sys.exit(0)
     unknown = sorted(set(flags) - set(hints))
     if unknown:
         raise UsageError(
