@@ -317,6 +317,18 @@ def test_split_noun_phrases(prompt, phrases):
     assert rewards.split_noun_phrases(prompt) == phrases
 
 
+def test_spacy_splitter_is_optional(blip_dir):
+    try:
+        import spacy  # noqa: F401
+    except ImportError:
+        reward = rewards.load_reward("color", model=blip_dir, splitter="spacy")
+        with pytest.raises(RuntimeError, match="pip install spacy"):
+            reward(random_images(1), ["a red car"])
+    else:
+        phrases = rewards.spacy_noun_phrases("a green bench and a red car")
+        assert phrases == ["a green bench", "a red car"]
+
+
 def test_yes_probability_arithmetic():
     vocab = 6
     yes_id, no_id = 2, 4

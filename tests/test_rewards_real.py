@@ -1,0 +1,102 @@
+"""Checks that need real weights or a GPU: skipped (and reported as skipped) unless they are available.
+
+Real weights are never downloaded by the tests; point these variables at local folders / files:
+    LOOP_BLIP_VQA_MODEL   folder of Salesforce/blip-vqa-capfilt-large
+    LOOP_CLIP_B32_MODEL   folder of openai/clip-vit-base-patch32
+    LOOP_CLIP_L14_MODEL   folder of openai/clip-vit-large-patch14
+    LOOP_AESTHETIC_HEAD   sac+logos+ava1-l14-linearMSE.pth (LAION aesthetic predictor v2 head)
+    LOOP_OWLV2_MODEL      folder of google/owlv2-base-patch16-ensemble
+e.g. `huggingface-cli download Salesforce/blip-vqa-capfilt-large --local-dir weights/blip`.
+The scenes are drawn here: a red disc on the left and a blue square on the right, on white.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_rewards import PROMPTS, random_images, save_blip, save_clip, save_owlv2
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import rewards
+
+
+def local(variable: str) -> str:
+    path = os.environ.get(variable)
+    if not path:
+        pytest.skip(
+            f"set {variable} to a local copy of the real weights to run this check"
+        )
+    return path
+
+
+def scene(swap: bool = False, size: int = 384) -> torch.Tensor:
+    """(1, 3, size, size): red disc left + blue square right (swapped: blue square left, red disc right)."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    image = torch.ones(3, size, size)
+    left, right = size // 4, 3 * size // 4
+    disc_x, square_x = (right, left) if swap else (left, right)
+    disc = (x - disc_x) ** 2 + (y - size // 2) ** 2 < (size // 6) ** 2
+    square = ((x - square_x).abs() < size // 6) & ((y - size // 2).abs() < size // 6)
+    image[:, disc] = torch.tensor([0.9, 0.1, 0.1])[:, None]
+    image[:, square] = torch.tensor([0.1, 0.2, 0.9])[:, None]
+    return image[None]
+
+
+def test_real_blip_vqa_prefers_the_right_colors():
+    reward = rewards.load_reward("color", model=local("LOOP_BLIP_VQA_MODEL"))
+    images = torch.cat([scene(), scene()])
+    right, wrong = reward(
+        images, ["a red circle and a blue square", "a blue circle and a red square"]
+    )
+    assert right > 0.5 > wrong
+
+
+def test_real_clip_cosine_prefers_the_right_caption():
+    reward = rewards.load_reward("non_spatial", model=local("LOOP_CLIP_B32_MODEL"))
+    images = torch.cat([scene(), scene()])
+    right, wrong = reward(
+        images, ["a red circle and a blue square", "a green triangle"]
+    )
+    assert 0.15 < right.item() < 0.45 and right > wrong
+
+
+def test_real_aesthetic_score_is_on_the_laion_scale():
+    reward = rewards.load_reward(
+        "aesthetic",
+        model=local("LOOP_CLIP_L14_MODEL"),
+        head=local("LOOP_AESTHETIC_HEAD"),
+    )
+    scores = reward(torch.cat([scene(), random_images(1, 384)]), ["", ""])
+    assert ((scores > 1) & (scores < 9)).all()
+
+
+def test_real_owlv2_spatial_rule_follows_the_layout():
+    reward = rewards.load_reward("spatial", model=local("LOOP_OWLV2_MODEL"))
+    prompt = ["a red circle on the left of a blue square"] * 2
+    right, swapped = reward(torch.cat([scene(), scene(swap=True)]), prompt)
+    assert right > swapped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_default_precision_matches_cpu_float32(tmp_path):
+    """On CUDA each scorer runs in bfloat16 by default; its scores stay close to CPU float32."""
+    folders = {
+        "color": save_blip(tmp_path / "blip"),
+        "spatial": save_owlv2(tmp_path / "owl"),
+        "non_spatial": save_clip(tmp_path / "clip"),
+    }
+    options = {"spatial": {"box_threshold": 0.0}}
+    images = random_images(len(PROMPTS))
+    for name, folder in folders.items():
+        kwargs = {"model": str(folder), **options.get(name, {})}
+        cpu = rewards.load_reward(name, **kwargs)(images, PROMPTS)
+        cuda = rewards.load_reward(name, device="cuda", **kwargs)(
+            images.cuda(), PROMPTS
+        )
+        assert cuda.device.type == "cpu" and cuda.dtype == torch.float32
+        torch.testing.assert_close(cuda, cpu, atol=0.05, rtol=0)
