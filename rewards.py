@@ -225,7 +225,9 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
 
 
 def load_jpeg(sign: float) -> Callable[..., RewardFn]:
-    def loader(device: str | torch.device = "cpu", quality: int = 95) -> RewardFn:
+    """Loader of r = sign * JPEG size; device and dtype are accepted for the common interface."""
+
+    def loader(device="cpu", quality: int = 95, dtype=None) -> RewardFn:
         def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
             check_inputs(images, prompts)
             # r = -size (compressibility) or +size (incompressibility)
@@ -393,39 +395,54 @@ def load_blip_vqa(
     enc_id = question_token_id(tokenizer, net.config, first_token)
     native_size, mean, std, _ = processor_geometry(processor.image_processor)
     size = image_size or native_size
-    phrases_of = {"rules": split_noun_phrases, "spacy": spacy_noun_phrases}[splitter]
+
+    if splitter not in ("rules", "spacy"):
+        raise ValueError(f"splitter must be 'rules' or 'spacy', got {splitter!r}")
+    phrases_of = spacy_noun_phrases if splitter == "spacy" else split_noun_phrases
 
     @torch.no_grad()
     def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_inputs(images, prompts)
         # a prompt without any phrase is asked as a whole, so it can never score a free 1.0
         phrases = [phrases_of(p) or [p] for p in prompts]
-        questions = [f"{phrase}?" for ps in phrases for phrase in ps]
-        image_index = torch.tensor(
-            [i for i, ps in enumerate(phrases) for _ in ps], device=device
-        )
-        pixels = model_pixels(images.to(device, torch.float32), size, mean, std).to(
-            dtype
-        )
+        questions = [(i, f"{phrase}?") for i, ps in enumerate(phrases) for phrase in ps]
+        pixels = model_pixels(images.to(device, torch.float32), size, mean, std)
         # each image is encoded once: (N, 3, S, S) -> (N, P, D)
         image_embeds = net.vision_model(
-            pixel_values=pixels, interpolate_pos_encoding=size != native_size
+            pixel_values=pixels.to(dtype), interpolate_pos_encoding=size != native_size
+        ).last_hidden_state
+        logits = answer_logits(
+            net, tokenizer, image_embeds, questions, enc_id, batch_size
         )
-        image_embeds = image_embeds.last_hidden_state
-        token_ids = tokenizer(questions)["input_ids"]
-        p_yes = torch.empty(len(questions))
-        # questions of equal token length are batched together, never padded (gap 4 in the docstring)
-        for chunk in equal_length_chunks(token_ids, batch_size):
-            input_ids = torch.tensor(
-                [token_ids[j] for j in chunk], device=device
-            )  # (M, L)
-            logits = first_answer_logits(
-                net, input_ids, image_embeds[image_index[chunk]], enc_id
-            )
-            p_yes[chunk] = yes_probability(logits, yes_id, no_id, normalise).cpu()
-        return product_over_phrases(p_yes, [len(ps) for ps in phrases]).float()
+        p_yes = yes_probability(logits, yes_id, no_id, normalise)  # (Q,)
+        return product_over_phrases(p_yes, [len(ps) for ps in phrases])
 
     return reward
+
+
+def answer_logits(
+    net,
+    tokenizer,
+    image_embeds: torch.Tensor,
+    questions: list[tuple[int, str]],
+    enc_id: int | None,
+    batch_size: int,
+) -> torch.Tensor:
+    """(Q, V) first-answer-token logits of Q (image index, question) pairs, on the CPU.
+
+    Questions of equal token length are batched together and never padded (gap 4).
+    """
+    token_ids = tokenizer([q for _, q in questions])["input_ids"]
+    logits = [None] * len(questions)
+    for chunk in equal_length_chunks(token_ids, batch_size):
+        input_ids = torch.tensor(
+            [token_ids[j] for j in chunk], device=image_embeds.device
+        )
+        images = image_embeds[[questions[j][0] for j in chunk]]  # (M, P, D)
+        chunk_logits = first_answer_logits(net, input_ids, images, enc_id).float().cpu()
+        for j, row in zip(chunk, chunk_logits, strict=True):
+            logits[j] = row
+    return torch.stack(logits)
 
 
 def equal_length_chunks(token_ids: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -807,7 +824,8 @@ def load_aesthetic(
 # The shapes world's exact judges (shapes_world.py), imported at load time
 # ====================================================================================================
 def load_shapes(category: str) -> Callable[..., RewardFn]:
-    def loader(device: str | torch.device = "cpu") -> RewardFn:
+    def loader(device: str | torch.device = "cpu", dtype=None) -> RewardFn:
+        # exact pixel judges on the CPU: device and dtype are accepted for the common interface
         import shapes_world
 
         def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -906,6 +924,29 @@ def load_pipeline(model: str, lora: str | None, device: str, dtype: torch.dtype)
     return pipe.to(device)
 
 
+def read_prompt_file(path: str, limit: int | None = None) -> list[str]:
+    """Non-empty stripped lines of a prompt file (the first `limit` of them)."""
+    prompts = [line.strip() for line in Path(path).read_text().splitlines()]
+    prompts = [p for p in prompts if p][:limit]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def generate(
+    pipe, prompt: str, seed: int, images_per_prompt: int, **sampling
+) -> torch.Tensor:
+    """(M, 3, H, W) images in [0, 1] of one prompt, from a generator seeded with `seed`."""
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    return pipe(
+        prompt,
+        num_images_per_prompt=images_per_prompt,
+        generator=generator,
+        output_type="pt",
+        **sampling,
+    ).images.float()
+
+
 def evaluate(
     prompts: str,
     reward: str,
@@ -922,68 +963,45 @@ def evaluate(
     reward_model: str | None = None,
     limit: int | None = None,
 ) -> float:
-    """Score `model` (+ `lora`) on a prompt file: `images_per_prompt` images per prompt, seed + prompt index.
+    """Score `model` (+ `lora`) on a prompt file, CompBench style; returns the mean score.
 
-    prompts: file with one prompt per line; reward: a name in REWARD_NAMES (color/shape/texture/spatial
-    become the exact judges for a shapes-world model); reward_model: override the reward's model id;
-    limit: score only the first `limit` prompts. Prints the mean, writes per-prompt scores to `out`.
+    prompts: file, one prompt per line; reward: a name in REWARD_NAMES (color/shape/texture/spatial
+    mean the exact judges for a shapes-world model); images_per_prompt: M (CompBench uses 10), drawn
+    from seed + prompt index; reward_model: override the reward's model id; limit: first `limit`
+    prompts only; dtype: pipeline and reward precision (default bfloat16 on CUDA, float32 on CPU).
+    Prints the mean; `out` gets the settings and the per-prompt scores as JSON.
     """
     from tqdm import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = resolve_dtype(device, dtype)
     reward = resolve_reward_name(model, reward)
     options = {"model": reward_model} if reward_model else {}
-    reward_fn = load_reward(reward, device=device, **options)
-    prompt_list = [
-        line.strip() for line in Path(prompts).read_text().splitlines() if line.strip()
-    ][:limit]
-    if not prompt_list:
-        raise ValueError(f"{prompts} holds no prompts")
-    pipe = load_pipeline(model, lora, device, torch_dtype)
+    reward_fn = load_reward(reward, device=device, dtype=dtype, **options)
+    prompt_list = read_prompt_file(prompts, limit)
+    pipe = load_pipeline(model, lora, device, resolve_dtype(device, dtype))
+    sampling = {
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+    }
+    sampling["eta"] = eta
     results, start = [], time.time()
     for index, prompt in enumerate(tqdm(prompt_list, desc="evaluate")):
-        generator = torch.Generator(device).manual_seed(seed + index)
-        images = pipe(
-            prompt,
-            num_images_per_prompt=images_per_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            eta=eta,
-            generator=generator,
-            output_type="pt",
-        ).images  # (M, 3, H, W) in [0, 1]
-        scores = reward_fn(images.float(), [prompt] * len(images))
-        results.append(
-            {
-                "prompt": prompt,
-                "seed": seed + index,
-                "mean": scores.mean().item(),
-                "scores": scores.tolist(),
-            }
-        )
+        images = generate(pipe, prompt, seed + index, images_per_prompt, **sampling)
+        scores = reward_fn(images, [prompt] * len(images))  # (M,)
+        row = {"prompt": prompt, "seed": seed + index, "mean": scores.mean().item()}
+        results.append({**row, "scores": scores.tolist()})
     mean = sum(r["mean"] for r in results) / len(results)
+    elapsed = time.time() - start
     print(
-        f"{reward} on {len(results)} prompts x {images_per_prompt} images: mean {mean:.4f} ({time.time() - start:.0f} s)"
+        f"{reward} on {len(results)} prompts x {images_per_prompt} images: mean {mean:.4f}"
     )
+    print(f"({elapsed:.0f} s)")
     if out:
-        summary = {
-            "model": model,
-            "lora": lora,
-            "prompts": prompts,
-            "reward": reward,
-            "images_per_prompt": images_per_prompt,
-        }
-        summary.update(
-            seed=seed,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            eta=eta,
-        )
+        settings = {"model": model, "lora": lora, "prompts": prompts, "reward": reward}
+        settings.update(images_per_prompt=images_per_prompt, seed=seed, **sampling)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(
-            json.dumps({**summary, "mean": mean, "per_prompt": results}, indent=1)
-        )
+        document = {**settings, "mean": mean, "per_prompt": results}
+        Path(out).write_text(json.dumps(document, indent=1))
     return mean
 
 
