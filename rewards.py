@@ -747,7 +747,7 @@ def load_complex(
 # aesthetic: LAION aesthetic predictor v2 (as DDPO uses it)
 # ====================================================================================================
 def aesthetic_head() -> torch.nn.Sequential:
-    """The predictor's MLP, layer for layer (indices match the upstream state dict: layers.0 ... layers.7)."""
+    """The predictor's MLP, layer for layer: upstream keys are layers.0 ... layers.7 (see load_head)."""
     return torch.nn.Sequential(
         torch.nn.Linear(768, 1024),
         torch.nn.Dropout(0.2),
@@ -758,6 +758,14 @@ def aesthetic_head() -> torch.nn.Sequential:
         torch.nn.Linear(64, 16),
         torch.nn.Linear(16, 1),
     )
+
+
+def load_head(path: str | Path) -> torch.nn.Sequential:
+    """The head with the weights of `path`; upstream saved `MLP.layers`, so keys start "layers."."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    mlp = aesthetic_head()
+    mlp.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+    return mlp
 
 
 def fetch_aesthetic_head(
@@ -795,16 +803,11 @@ def load_aesthetic(
     """score = MLP(e / |e|), e the CLIP ViT-L/14 image embedding; head = local .pth path or None (fetch)."""
     from transformers import AutoProcessor, CLIPModel
 
+    mlp = load_head(head or fetch_aesthetic_head())  # first: fails fast when offline
+    mlp = mlp.to(device).eval()  # the head stays in float32: it is tiny
     dtype = resolve_dtype(device, dtype)
     processor = from_pretrained(AutoProcessor, model)
     net = from_pretrained(CLIPModel, model, dtype=dtype).to(device).eval()
-    mlp = aesthetic_head()
-    mlp.load_state_dict(
-        torch.load(
-            head or fetch_aesthetic_head(), map_location="cpu", weights_only=True
-        )
-    )
-    mlp = mlp.to(device).eval()  # the head stays in float32: it is tiny
     geometry = processor_geometry(processor.image_processor)
 
     @torch.no_grad()

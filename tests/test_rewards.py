@@ -577,7 +577,9 @@ def test_aesthetic_path(tmp_path):
         head[0].weight.mul_(
             30
         )  # inputs are unit vectors: without this every image scores about the same
-    torch.save(head.state_dict(), tmp_path / "head.pth")
+    # saved the way upstream saved it: the MLP module's state dict, keys "layers.0.weight", ...
+    upstream = {f"layers.{k}": v for k, v in head.state_dict().items()}
+    torch.save(upstream, tmp_path / "head.pth")
     reward_options = {"head": str(tmp_path / "head.pth")}
     scores = check_batching_and_precision(
         "aesthetic", clip_dir, atol=0.02, **reward_options
