@@ -35,7 +35,9 @@ Known gaps with T2I-CompBench's original code, and how they are handled
    conversion). We default to the converted 384 px; `image_size=480` re-interpolates the position
    embeddings (`interpolate_pos_encoding`) to approximate the original input size.
 3. Yes probability. We score p(yes) / (p(yes) + p(no)) from the first decoder step (both tokens are one
-   BERT word-piece). `normalise=False` returns the raw softmax p(yes) over the whole vocabulary instead.
+   BERT word-piece). `normalise=False` returns the softmax p(yes) over the whole vocabulary instead.
+   Which of the two CompBench's modified BLIP reads was not checked against its code here; the two agree
+   when the model puts its mass on yes/no, as a VQA model asked a yes/no question should.
 4. Question padding. The original decoder attends to the padded question (its mask is all ones), so a
    score depends on the other questions in its batch; transformers 5.x's BLIP text cross-attention drops
    the mask too (found by our batching test). We never pad: questions of equal token length are batched
@@ -49,6 +51,11 @@ Known gaps with T2I-CompBench's original code, and how they are handled
    0.25 + 0.25 + 0.5 combination, zero below 0.5) is CompBench's, with its 150 px distance threshold
    taken relative to a 512 px image. CompBench's "on top of" never matches its own rule (scores 0); we
    treat it as "on the top of". The numbers are therefore NOT comparable with published UniDet scores.
+   The two objects are found by rules (`parse_spatial_prompt`), not spaCy part-of-speech tags.
+8. complex: CompBench's 3-in-1 scores prompts of its complex_*_spatial.txt list (attribute + spatial) / 2,
+   of its complex_*_action.txt list (attribute + CLIP without adjectives) / 2, and the rest as the mean of
+   all three. We do not ship those lists: a prompt with a spatial relation word is scored as spatial,
+   any other as action (see `load_complex`).
 """
 
 from __future__ import annotations
@@ -733,6 +740,7 @@ def load_complex(
             [parse_spatial_prompt(p) is not None for p in prompts]
         )
         a = attribute(images, prompts)
+        # score = (attribute + spatial) / 2 or (attribute + CLIP without adjectives) / 2
         second = torch.where(
             is_spatial,
             spatial(images, prompts),
