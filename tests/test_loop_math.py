@@ -48,7 +48,7 @@ def test_ddim_step_equals_diffusers(prediction_type, config, num_steps):
             schedule.sigma_t[j],
             prediction_type,
             noise=noise,
-            clip_sample=clip,
+            clip=clip,
         )
         worst = max(worst, (ours - ref).abs().max().item())
         ref_mean = scheduler.step(

@@ -4,6 +4,7 @@ identities through the UNet, LoRA vs frozen parameters, determinism, resume, dif
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -43,18 +44,16 @@ def perturb_lora(models, seed=0, scale=0.05):
 
 
 def fresh_rollout(models, cfg, n_prompts=2):
-    schedule = loop.ddim_schedule(models.scheduler, cfg.num_steps, cfg.eta)
-    prompts = [
-        p for p in PROMPTS[:n_prompts] for _ in range(cfg.k)
-    ]  # (B*K,), grouped by prompt
+    policy = loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
+    # (B*K,), grouped by prompt
+    prompts = [p for p in PROMPTS[:n_prompts] for _ in range(cfg.k)]
     gen = torch.Generator().manual_seed(0)
-    x_T, step_noise = loop.draw_noise(
-        gen, len(prompts), cfg.num_steps, models.latent_shape
-    )
+    n, shape = len(prompts), models.latent_shape
+    x_T, step_noise = loop.draw_noise(gen, n, cfg.num_steps, shape)
     batch, reward = loop.rollout(
-        models, prompts, x_T, step_noise, cfg, schedule, brightness_reward, show=False
+        models, policy, prompts, x_T, step_noise, brightness_reward, cfg.micro_batch
     )
-    return schedule, batch, reward
+    return policy, batch, reward
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_model_v"])
@@ -63,16 +62,14 @@ def test_rescoring_a_fresh_rollout_gives_ratio_one(model_fixture, request):
     models = load(request.getfixturevalue(model_fixture))
     perturb_lora(models)
     cfg = tiny_config()
-    schedule, batch, _ = fresh_rollout(models, cfg)
+    policy, batch, _ = fresh_rollout(models, cfg)
     assert batch.latents.shape == (8, cfg.num_steps + 1, *models.latent_shape)
     assert batch.latents.dtype == batch.log_probs.dtype == torch.float32
     worst = 0.0
     for start in range(0, 8, cfg.micro_batch):
         idx = slice(start, start + cfg.micro_batch)
         for j in range(cfg.num_steps):
-            log_prob, _ = loop.training_step_log_prob(
-                models, batch, idx, j, cfg, schedule
-            )
+            log_prob, _ = loop.rescore(policy, batch, idx, j)
             assert log_prob.requires_grad
             ratio = loop.importance_ratio(log_prob, batch.log_probs[idx, j])
             worst = max(worst, (ratio - 1).abs().max().item())
@@ -84,7 +81,7 @@ def test_unet_gradient_of_clipped_objective_equals_reinforce(tiny_model, pair):
     models = load(tiny_model)
     perturb_lora(models)
     cfg = tiny_config()
-    schedule, batch, reward = fresh_rollout(models, cfg)
+    policy, batch, reward = fresh_rollout(models, cfg)
     advantage = loop.compute_advantages("loop", reward.view(-1, cfg.k), "off", 5.0)
     params = loop.lora_parameters(models.unet)
     grads = []
@@ -92,7 +89,7 @@ def test_unet_gradient_of_clipped_objective_equals_reinforce(tiny_model, pair):
         for p in params:
             p.grad = None
         idx = slice(0, 4)
-        log_prob, _ = loop.training_step_log_prob(models, batch, idx, 1, cfg, schedule)
+        log_prob, _ = loop.rescore(policy, batch, idx, 1)
         old = batch.log_probs[idx, 1]
         loop.policy_loss(algo, log_prob, old, advantage[idx], 1e-4).backward()
         grads.append(torch.cat([p.grad.flatten() for p in params]))
@@ -104,7 +101,7 @@ def test_lora_parameters_change_and_base_parameters_do_not(tiny_model):
     models = load(tiny_model)
     cfg = tiny_config(algo="loop", inner_epochs=2, lr=1e-2)
     sizes = loop.check_config(cfg, world=1)
-    schedule, batch, reward = fresh_rollout(models, cfg)
+    policy, batch, reward = fresh_rollout(models, cfg)
     advantage = loop.compute_advantages("loop", reward.view(-1, cfg.k), "off", 5.0)
     before = {
         name: p.detach().clone()
@@ -112,19 +109,8 @@ def test_lora_parameters_change_and_base_parameters_do_not(tiny_model):
         for name, p in part.named_parameters(prefix=type(part).__name__)
     }
     optimizer = torch.optim.AdamW(loop.lora_parameters(models.unet), lr=cfg.lr)
-    import random
-
-    stats = loop.train_on_rollout(
-        models,
-        batch,
-        advantage,
-        cfg,
-        schedule,
-        optimizer,
-        random.Random(0),
-        sizes,
-        False,
-    )
+    rng = random.Random(0)
+    stats = loop.train_on_rollout(policy, batch, advantage, cfg, optimizer, rng, sizes)
     assert sizes["updates_per_epoch"] == 8 and stats["grad_norm"] > 0
     after = {
         name: p.detach()
@@ -288,28 +274,14 @@ def test_saved_lora_loads_in_stock_diffusers_and_reproduces_images(
     run = run_main(tmp_path, tiny_model, "run", algo="reinforce", lr=0.05, eval_every=5)
     models = captured["models"]
     cfg = loop.Config(num_steps=3, guidance_scale=3.0)
-    schedule = loop.ddim_schedule(models.scheduler, cfg.num_steps, cfg.eta)
-    prompts = PROMPTS[:3]
-    x_T = torch.randn(
-        (3, *models.latent_shape), generator=torch.Generator().manual_seed(5)
-    )
-    gen = torch.Generator().manual_seed(
-        6
-    )  # the pipeline draws each step's noise in this order
-    step_noise = torch.stack(
-        [torch.randn((3, *models.latent_shape), generator=gen) for _ in range(3)], 1
-    )
+    policy = loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
+    prompts, shape = PROMPTS[:3], (3, *models.latent_shape)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    # the pipeline draws each step's noise from its generator in this order
+    gen = torch.Generator().manual_seed(6)
+    step_noise = torch.stack([torch.randn(shape, generator=gen) for _ in range(3)], 1)
     cond = loop.encode_prompts(models.tokenizer, models.text_encoder, prompts)
-    latents, _ = loop.sample_trajectories(
-        models.unet,
-        cond,
-        models.uncond,
-        x_T,
-        step_noise,
-        schedule,
-        3.0,
-        models.prediction_type,
-    )
+    latents, _ = loop.sample_trajectories(policy, cond, x_T, step_noise)
     ours = loop.decode_images(models.vae, latents[:, -1])
 
     def stock(with_lora):
