@@ -1,0 +1,493 @@
+"""Train the embedded default model: a tiny Stable-Diffusion-format pipeline for the shapes world.
+
+One-time, offline, CPU (not run in CI). Produces a complete diffusers folder (VAE, UNet, CLIP text encoder,
+CLIP tokenizer, DDIM scheduler, model_index.json) that `StableDiffusionPipeline.from_pretrained` loads, and
+that loop.py loads with the very code it uses for `stabilityai/stable-diffusion-2-base`.
+
+    python scripts/train_tiny_pipeline.py --out runs/tiny-train            # ~60-90 min on 2 CPU cores
+    python scripts/train_tiny_pipeline.py --out runs/tiny-train --ship step_006000   # copy a snapshot
+
+Stages (all from a fixed seed, on procedurally rendered (prompt, image) pairs of shapes_world.py):
+1. the tokenizer: a CLIP BPE vocabulary in which every word of the world is one token;
+2. the VAE (64x64x3 pixels <-> 16x16x4 latents), trained on reconstruction + a tiny KL term, then its
+   `scaling_factor` set to 1 / std of the latents as in Stable Diffusion;
+3. the UNet and the text encoder, trained together from scratch with the epsilon-prediction loss of
+   SD (10% of captions dropped, for classifier-free guidance), with an EMA of the weights;
+4. every `eval_every` steps a snapshot of the EMA pipeline is saved and scored with the exact judges on
+   held-out two-object color prompts and on single-object prompts (the calibration numbers); the snapshot
+   to ship is picked from `calibration.jsonl` so that binding stays genuinely hard (color score 0.35..0.65)
+   while single objects are drawn right at least 85% of the time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import sys
+import time
+
+import fire
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import itertools
+
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import shapes_world as W
+
+MAX_TOKENS = 16  # longest prompt: "a striped red triangle on the right of a dotted blue square" = 12 + 2
+SAMPLER = {
+    "num_inference_steps": 10,
+    "guidance_scale": 5.0,
+    "eta": 1.0,
+}  # loop.py's default sampler
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Tokenizer: a real CLIP BPE vocabulary, one token per word of the world
+# ----------------------------------------------------------------------------------------------------
+def world_words() -> list[str]:
+    words = {"a", "an", "and", "on", "the", "left", "right", "of", "above", "below"}
+    words |= set(W.COLORS) | set(W.SHAPES) | set(W.TEXTURES)
+    return sorted(words)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (the base alphabet of the BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(
+        range(ord("¡"), ord("¬") + 1)
+    )
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE of one word: repeatedly merge the adjacent pair of lowest rank."""
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(symbols) > 1:
+        pairs = [
+            (ranks.get(p, float("inf")), i)
+            for i, p in enumerate(itertools.pairwise(symbols))
+        ]
+        rank, i = min(pairs)
+        if rank == float("inf"):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
+def build_tokenizer(folder: str) -> CLIPTokenizer:
+    """Write vocab.json + merges.txt whose merges build each world word into a single token."""
+    alphabet = list(bytes_to_unicode().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in world_words():
+        # add the merge of the first adjacent pair of the word's current segmentation until it is one token
+        while len(symbols := bpe(word, ranks)) > 1:
+            ranks[(symbols[0], symbols[1])] = len(ranks)
+            vocab.append(symbols[0] + symbols[1])
+    merges = [" ".join(pair) for pair in sorted(ranks, key=ranks.get)]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = list(dict.fromkeys(vocab))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(
+        os.path.join(folder, "vocab.json"),
+        os.path.join(folder, "merges.txt"),
+        model_max_length=MAX_TOKENS,
+        pad_token="<|endoftext|>",
+    )
+    for word in world_words():  # every word must be a single token
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The models, small configs of Stable Diffusion's classes
+# ----------------------------------------------------------------------------------------------------
+def build_models(
+    vocab_size: int,
+) -> tuple[AutoencoderKL, UNet2DConditionModel, CLIPTextModel]:
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=W.SIZE,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=W.SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    return vae, unet, text_encoder
+
+
+def scheduler_config() -> dict:
+    """Stable Diffusion 2 base's noise schedule and DDIM settings."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": "epsilon",
+        "timestep_spacing": "leading",
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+CATEGORY_MIX = {
+    "single": 0.3,
+    "color": 0.2,
+    "shape": 0.15,
+    "texture": 0.1,
+    "spatial": 0.25,
+}
+
+
+def scene_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
+    """n random training scenes (val phrase combinations never drawn): images (n, 3, 64, 64) in [0, 1]."""
+    categories = rng.choices(
+        list(CATEGORY_MIX), weights=list(CATEGORY_MIX.values()), k=n
+    )
+    scenes = [W.random_scene(c, rng, split="train") for c in categories]
+    images = torch.stack([W.to_tensor(W.render(objects)) for _, objects in scenes])
+    return images, [prompt for prompt, _ in scenes]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training stages
+# ----------------------------------------------------------------------------------------------------
+def train_vae(
+    vae: AutoencoderKL, rng: random.Random, steps: int, batch: int, lr: float, log
+) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    bar = tqdm(range(steps), desc="vae")
+    for step in bar:
+        images, _ = scene_batch(rng, batch)
+        x = images * 2 - 1  # (B, 3, 64, 64) in [-1, 1]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        # loss = L1 + MSE reconstruction + 1e-6 * KL(q(z|x) || N(0, I)), SD's tiny KL weight
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 50 == 0:
+            log({"stage": "vae", "step": step, "loss": loss.item()})
+
+
+@torch.no_grad()
+def reconstruction_scores(vae: AutoencoderKL, rng: random.Random, n: int = 64) -> dict:
+    """Exact-judge scores of clean renders and of their VAE reconstructions (the VAE must keep them)."""
+    result = {}
+    for category in W.CATEGORIES:
+        scenes = [W.random_scene(category, rng, split=None) for _ in range(n)]
+        images = torch.stack([W.to_tensor(W.render(objects)) for _, objects in scenes])
+        prompts = [prompt for prompt, _ in scenes]
+        recon = (vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample + 1) / 2
+        result[category] = W.score(images, prompts, category).mean().item()
+        result[category + "_recon"] = (
+            W.score(recon.clamp(0, 1), prompts, category).mean().item()
+        )
+    return result
+
+
+@torch.no_grad()
+def latent_std(vae: AutoencoderKL, rng: random.Random) -> float:
+    images, _ = scene_batch(rng, 256)
+    return vae.encode(images * 2 - 1).latent_dist.mean.std().item()
+
+
+def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=MAX_TOKENS,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return text_encoder(ids.input_ids)[0]  # (B, MAX_TOKENS, 64)
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
+def save_pipeline(folder: str, vae, unet, text_encoder, tokenizer) -> None:
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    with open(os.path.join(folder, "shapes_world.json"), "w") as f:
+        json.dump(
+            {"world": "shapes", "size": W.SIZE, "categories": list(W.CATEGORIES)},
+            f,
+            indent=1,
+        )
+
+
+@torch.no_grad()
+def calibrate(folder: str, seeds: int = 2) -> dict:
+    """Exact-judge scores of a saved pipeline: held-out two-object color prompts and single objects."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    with open(os.path.join(W.PROMPT_DIR, "color_val.txt")) as f:
+        color_val = f.read().split("\n")[:-1]
+    singles = [f"a {c} {s}" for c in W.COLORS for s in W.SHAPES]
+    result = {}
+    for name, prompts, category in [
+        ("color_val", color_val, "color"),
+        ("single", singles, "color"),
+    ]:
+        prompts = prompts * seeds
+        generator = torch.Generator().manual_seed(0)
+        images = pipe(
+            prompts, generator=generator, output_type="pt", **SAMPLER
+        ).images  # (N, 3, 64, 64)
+        scores = W.score(images, prompts, category)
+        result[name] = scores.mean().item()
+        result[name + "_correct"] = (scores > 0.5).float().mean().item()
+    return result
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, rng: random.Random, n: int, chunk: int = 256):
+    """Render n training scenes once and keep their VAE posteriors: means, stds (n, 4, 16, 16), prompts."""
+    means, stds, prompts = [], [], []
+    for _ in tqdm(range(0, n, chunk), desc="encode scenes"):
+        images, batch_prompts = scene_batch(rng, chunk)
+        posterior = vae.encode(images * 2 - 1).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+        prompts += batch_prompts
+    return torch.cat(means), torch.cat(stds), prompts
+
+
+def train_diffusion(
+    vae,
+    unet,
+    text_encoder,
+    tokenizer,
+    rng,
+    out,
+    steps,
+    batch,
+    lr,
+    eval_every,
+    max_minutes,
+    log,
+    n,
+):
+    noise_scheduler = DDPMScheduler.from_config(
+        scheduler_config()
+    )  # same betas as the DDIM sampler
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    vae.eval().requires_grad_(False)
+    means, stds, all_prompts = encode_dataset(vae, rng, n)
+    start = time.time()
+    bar = tqdm(range(1, steps + 1), desc="unet+text")
+    for step in bar:
+        index = torch.randint(0, len(all_prompts), (batch,))
+        prompts = [
+            all_prompts[i] if rng.random() > 0.1 else "" for i in index
+        ]  # 10% unconditional, for CFG
+        # z ~ q(z | x) = N(mean, std^2), scaled to unit variance as in SD: (B, 4, 16, 16)
+        latents = (
+            means[index] + stds[index] * torch.randn_like(means[index])
+        ) * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,))
+        # x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps ; loss = || eps - eps_theta(x_t, t, c) ||^2
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        eps_pred = unet(noisy, t, encode_text(tokenizer, text_encoder, prompts)).sample
+        loss = F.mse_loss(eps_pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema_unet, unet, 0.999 if step > 1000 else 0.99)
+        ema_update(ema_text, text_encoder, 0.999 if step > 1000 else 0.99)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 50 == 0:
+            log(
+                {
+                    "stage": "unet",
+                    "step": step,
+                    "loss": loss.item(),
+                    "minutes": (time.time() - start) / 60,
+                }
+            )
+        last = step == steps or (time.time() - start) / 60 > max_minutes
+        if step % eval_every == 0 or last:
+            folder = os.path.join(out, f"step_{step:06d}")
+            save_pipeline(folder, vae, ema_unet, ema_text, tokenizer)
+            scores = calibrate(folder)
+            log(
+                {
+                    "stage": "calibration",
+                    "step": step,
+                    "minutes": (time.time() - start) / 60,
+                    **scores,
+                }
+            )
+            tqdm.write(f"step {step}: {scores}")
+        if last:
+            break
+
+
+def main(
+    out: str = "runs/tiny-train",
+    seed: int = 0,
+    vae_steps: int = 600,
+    vae_batch: int = 32,
+    steps: int = 20000,
+    batch: int = 64,
+    vae_lr: float = 2e-3,
+    lr: float = 5e-4,
+    eval_every: int = 1000,
+    max_minutes: float = 80.0,
+    scenes: int = 32768,
+    threads: int = 2,
+    ship: str | None = None,
+    ship_to: str = "assets/tiny-shapes",
+) -> None:
+    """Train the tiny pipeline (see the module docstring), or copy snapshot `ship` of `out` to `ship_to`."""
+    if ship is not None:
+        shutil.rmtree(ship_to, ignore_errors=True)
+        shutil.copytree(os.path.join(out, ship), ship_to)
+        print(f"shipped {os.path.join(out, ship)} -> {ship_to}")
+        return
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    rng = random.Random(seed)
+    os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, "train_log.jsonl")
+
+    def log(record: dict) -> None:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    t0 = time.time()
+    tokenizer = build_tokenizer(os.path.join(out, "tokenizer_src"))
+    vae, unet, text_encoder = build_models(len(tokenizer))
+    sizes = {
+        n: sum(p.numel() for p in m.parameters())
+        for n, m in [("vae", vae), ("unet", unet), ("text", text_encoder)]
+    }
+    print(f"parameters: {sizes}")
+    log(
+        {
+            "stage": "start",
+            "parameters": sizes,
+            "config": {
+                "seed": seed,
+                "vae_steps": vae_steps,
+                "steps": steps,
+                "batch": batch,
+            },
+        }
+    )
+    train_vae(vae, rng, vae_steps, vae_batch, vae_lr, log)
+    recon = reconstruction_scores(vae, random.Random(seed + 1))
+    print(f"judge scores on clean renders vs their VAE reconstructions: {recon}")
+    log({"stage": "vae_reconstruction", **recon})
+    vae.register_to_config(scaling_factor=1.0 / latent_std(vae, rng))
+    log(
+        {
+            "stage": "vae_done",
+            "scaling_factor": vae.config.scaling_factor,
+            "minutes": (time.time() - t0) / 60,
+        }
+    )
+    train_diffusion(
+        vae,
+        unet,
+        text_encoder,
+        tokenizer,
+        rng,
+        out,
+        steps,
+        batch,
+        lr,
+        eval_every,
+        max_minutes,
+        log,
+        scenes,
+    )
+    log({"stage": "done", "minutes": (time.time() - t0) / 60})
+    print(
+        f"done in {(time.time() - t0) / 60:.1f} min; calibration in {out}/train_log.jsonl"
+    )
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
