@@ -1,5 +1,6 @@
 """The shapes world: renderer, prompt grammar, train/val split and the exact judges."""
 
+import itertools
 import os
 import random
 
@@ -82,7 +83,7 @@ def test_judges_degrade_smoothly_under_noise():
             W.score((images + noise).clamp(0, 1), prompts, "color").mean().item()
         )
     assert means[0] > 0.9 and means[-1] < means[0]
-    steps = [a - b for a, b in zip(means, means[1:])]
+    steps = [a - b for a, b in itertools.pairwise(means)]
     assert max(steps) < 0.5, means  # no cliff between neighbouring noise levels
 
 
