@@ -115,24 +115,18 @@ COMPBENCH_CATEGORIES = (
 def check_inputs(images: torch.Tensor, prompts: list[str]) -> None:
     """Raise a clear error unless images is (N, 3, H, W) and there are N prompts."""
     if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"images must be (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}"
-        )
+        raise ValueError(f"images must be (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
     if len(prompts) != images.shape[0]:
         raise ValueError(
             f"got {images.shape[0]} images but {len(prompts)} prompts; pass one prompt per image"
         )
 
 
-def resolve_dtype(
-    device: str | torch.device, dtype: str | torch.dtype | None
-) -> torch.dtype:
+def resolve_dtype(device: str | torch.device, dtype: str | torch.dtype | None) -> torch.dtype:
     """None -> bfloat16 on CUDA, float32 elsewhere; strings like "bfloat16" -> torch.bfloat16."""
     if dtype is None:
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    value = (
-        dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
-    )
+    value = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
     if isinstance(value, torch.dtype):
         return value
     raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
@@ -179,9 +173,7 @@ def model_pixels(
     if crop:  # the short side becomes `size`, the long side keeps the aspect ratio (floored, as transformers)
         long = int(size * max(height, width) / min(height, width))
         new_size = (size, long) if height <= width else (long, size)
-    x = F.interpolate(
-        images, size=new_size, mode=mode, antialias=True, align_corners=False
-    )
+    x = F.interpolate(images, size=new_size, mode=mode, antialias=True, align_corners=False)
     crop = crop or size
     top, left = (new_size[0] - crop) // 2, (new_size[1] - crop) // 2
     x = x[..., top : top + crop, left : left + crop].clamp(0, 1)  # (N, 3, crop, crop)
@@ -301,25 +293,15 @@ def split_noun_phrases(prompt: str) -> list[str]:
     for i, word in enumerate(words):
         before = words[i - 1] if i > 0 else ""
         after = words[i + 1] if i + 1 < len(words) else ""
-        joins_attributes = (
-            word == "and" and before in ATTRIBUTE_WORDS and after in ATTRIBUTE_WORDS
-        )
+        joins_attributes = word == "and" and before in ATTRIBUTE_WORDS and after in ATTRIBUTE_WORDS
         starts_new = word in DETERMINERS and any(w not in DETERMINERS for w in current)
-        if (
-            (word == "and" and not joins_attributes)
-            or word in BOUNDARY_WORDS
-            or starts_new
-        ):
+        if (word == "and" and not joins_attributes) or word in BOUNDARY_WORDS or starts_new:
             phrases.append(" ".join(current))
             current = [] if word in BOUNDARY_WORDS or word == "and" else [word]
         else:
             current.append(word)
     phrases.append(" ".join(current))
-    return [
-        p
-        for p in phrases
-        if p and p not in NOT_OBJECTS and p.split()[-1] not in DETERMINERS
-    ]
+    return [p for p in phrases if p and p not in NOT_OBJECTS and p.split()[-1] not in DETERMINERS]
 
 
 def spacy_noun_phrases(prompt: str) -> list[str]:
@@ -371,9 +353,7 @@ def question_token_id(tokenizer, config, first_token: str) -> int | None:
     # BLIP's tokenizer adds [DEC] (bos) and then [ENC], so [ENC] = [DEC] + 1 when the tokenizer lacks it.
     enc_id = vocab.get("[ENC]", config.text_config.bos_token_id + 1)
     if enc_id >= config.text_config.vocab_size:
-        raise ValueError(
-            f"[ENC] id {enc_id} is outside the text vocabulary; use first_token='cls'"
-        )
+        raise ValueError(f"[ENC] id {enc_id} is outside the text vocabulary; use first_token='cls'")
     return enc_id
 
 
@@ -392,9 +372,7 @@ def load_blip_vqa(
 
     dtype = resolve_dtype(device, dtype)
     processor = from_pretrained(AutoProcessor, model)
-    net = (
-        from_pretrained(BlipForQuestionAnswering, model, dtype=dtype).to(device).eval()
-    )
+    net = from_pretrained(BlipForQuestionAnswering, model, dtype=dtype).to(device).eval()
     tokenizer = processor.tokenizer
     yes_id, no_id = tokenizer.convert_tokens_to_ids(["yes", "no"])
     if tokenizer.unk_token_id in (yes_id, no_id):
@@ -418,9 +396,7 @@ def load_blip_vqa(
         image_embeds = net.vision_model(
             pixel_values=pixels.to(dtype), interpolate_pos_encoding=size != native_size
         ).last_hidden_state
-        logits = answer_logits(
-            net, tokenizer, image_embeds, questions, enc_id, batch_size
-        )
+        logits = answer_logits(net, tokenizer, image_embeds, questions, enc_id, batch_size)
         p_yes = yes_probability(logits, yes_id, no_id, normalise)  # (Q,)
         return product_over_phrases(p_yes, [len(ps) for ps in phrases])
 
@@ -442,9 +418,7 @@ def answer_logits(
     token_ids = tokenizer([q for _, q in questions])["input_ids"]
     logits = [None] * len(questions)
     for chunk in equal_length_chunks(token_ids, batch_size):
-        input_ids = torch.tensor(
-            [token_ids[j] for j in chunk], device=image_embeds.device
-        )
+        input_ids = torch.tensor([token_ids[j] for j in chunk], device=image_embeds.device)
         images = image_embeds[[questions[j][0] for j in chunk]]  # (M, P, D)
         chunk_logits = first_answer_logits(net, input_ids, images, enc_id).float().cpu()
         for j, row in zip(chunk, chunk_logits, strict=True):
@@ -471,18 +445,14 @@ def first_answer_logits(
     if enc_id is not None:
         input_ids = input_ids.clone()
         input_ids[:, 0] = enc_id  # [CLS] -> [ENC], as the original BLIP VQA (gap 1)
-    image_mask = torch.ones(
-        image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
-    )
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
     question = net.text_encoder(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         encoder_hidden_states=image_embeds,
         encoder_attention_mask=image_mask,
     ).last_hidden_state  # (M, L, D)
-    bos = torch.full(
-        (len(input_ids), 1), net.decoder_start_token_id, device=input_ids.device
-    )
+    bos = torch.full((len(input_ids), 1), net.decoder_start_token_id, device=input_ids.device)
     answer = net.text_decoder(
         input_ids=bos,
         encoder_hidden_states=question,
@@ -512,9 +482,7 @@ RELATION_AXIS = {
     "above": "on the top of",
     "below": "on the bottom of",
 }
-NOT_NOUNS = (
-    BOUNDARY_WORDS | DETERMINERS | ATTRIBUTE_WORDS | {"and", "it", "its", "their"}
-)
+NOT_NOUNS = BOUNDARY_WORDS | DETERMINERS | ATTRIBUTE_WORDS | {"and", "it", "its", "their"}
 
 
 def parse_spatial_prompt(prompt: str) -> tuple[str, str, str] | None:
@@ -539,17 +507,11 @@ def relation_score(
 ) -> float:
     """CompBench's soft position score of object 1 `relation` object 2; boxes (x0, y0, x1, y1), y down."""
     relation = RELATION_AXIS.get(relation, relation)
-    dx, dy = (
-        (box2[:2] + box2[2:]) / 2 - (box1[:2] + box1[2:]) / 2
-    ).tolist()  # centre2 - centre1
+    dx, dy = ((box2[:2] + box2[2:]) / 2 - (box1[:2] + box1[2:]) / 2).tolist()  # centre2 - centre1
     iou = box_iou(box1, box2)
     if relation in ("next to", "on side of", "near"):
         # close along either axis -> 1, else decays as distance / max(|dx|, |dy|)
-        return (
-            1.0
-            if min(abs(dx), abs(dy)) < distance
-            else distance / max(abs(dx), abs(dy))
-        )
+        return 1.0 if min(abs(dx), abs(dy)) < distance else distance / max(abs(dx), abs(dy))
     along, across, sign = {
         "on the left of": (dx, dy, 1),
         "on the right of": (dx, dy, -1),
@@ -564,25 +526,19 @@ def relation_score(
 
 def box_iou(box1: torch.Tensor, box2: torch.Tensor) -> float:
     """Intersection over union of two (x0, y0, x1, y1) boxes."""
-    overlap = (
-        torch.minimum(box1[2:], box2[2:]) - torch.maximum(box1[:2], box2[:2])
-    ).clamp(min=0)
+    overlap = (torch.minimum(box1[2:], box2[2:]) - torch.maximum(box1[:2], box2[:2])).clamp(min=0)
     intersection = overlap.prod()
     union = (box1[2:] - box1[:2]).prod() + (box2[2:] - box2[:2]).prod() - intersection
     return float(intersection / union) if union > 0 else 0.0
 
 
-def spatial_rule(
-    relation: str, found: list[tuple[float, torch.Tensor] | None]
-) -> float:
+def spatial_rule(relation: str, found: list[tuple[float, torch.Tensor] | None]) -> float:
     """CompBench's combination of two detections (confidence, box) or None, and the position score."""
     first, second = found
     if first is not None and second is not None:
         # score = 0.25 c1 + 0.25 c2 + 0.5 position
         score = (
-            0.25 * first[0]
-            + 0.25 * second[0]
-            + 0.5 * relation_score(relation, first[1], second[1])
+            0.25 * first[0] + 0.25 * second[0] + 0.5 * relation_score(relation, first[1], second[1])
         )
     else:
         score = 0.25 * sum(d[0] for d in found if d is not None)
@@ -607,12 +563,8 @@ def load_spatial(
     @torch.no_grad()
     def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_inputs(images, prompts)
-        parsed = [
-            parse_spatial_prompt(p) or ("object", None, "object") for p in prompts
-        ]
-        queries = [
-            f"a photo of a {noun}" for obj1, _, obj2 in parsed for noun in (obj1, obj2)
-        ]
+        parsed = [parse_spatial_prompt(p) or ("object", None, "object") for p in prompts]
+        queries = [f"a photo of a {noun}" for obj1, _, obj2 in parsed for noun in (obj1, obj2)]
         tokens = processor.tokenizer(
             queries,
             padding="max_length",
@@ -638,8 +590,7 @@ def load_spatial(
         scores = []
         for i, (_, relation, _) in enumerate(parsed):
             found = [
-                detection(out.pred_boxes[i], best[i, q], patch[i, q], box_threshold)
-                for q in (0, 1)
+                detection(out.pred_boxes[i], best[i, q], patch[i, q], box_threshold) for q in (0, 1)
             ]
             scores.append(spatial_rule(relation, found) if relation else 0.0)
         return torch.tensor(scores, dtype=torch.float32)
@@ -647,16 +598,12 @@ def load_spatial(
     return reward
 
 
-def detection(
-    boxes: torch.Tensor, confidence: torch.Tensor, patch: torch.Tensor, threshold: float
-):
+def detection(boxes: torch.Tensor, confidence: torch.Tensor, patch: torch.Tensor, threshold: float):
     """(confidence, (x0, y0, x1, y1) box in [0, 1] of the padded square) of the best patch, or None."""
     if confidence < threshold:
         return None
     cx, cy, w, h = boxes[patch].float().cpu()
-    return float(confidence), torch.stack(
-        [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
-    )
+    return float(confidence), torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
 
 
 # ====================================================================================================
@@ -687,9 +634,7 @@ def load_clip_cosine(
             max_length=max_length,
             return_tensors="pt",
         ).to(device)
-        f_image = image_features(
-            net.get_image_features(pixel_values=pixels)
-        ).float()  # (N, E)
+        f_image = image_features(net.get_image_features(pixel_values=pixels)).float()  # (N, E)
         f_text = image_features(net.get_text_features(**tokens)).float()  # (N, E)
         # cos = <f_image, f_text> / (|f_image| |f_text|)
         return F.cosine_similarity(f_image, f_text, dim=-1).cpu()
@@ -713,9 +658,7 @@ def load_clipscore(device: str | torch.device = "cpu", **options) -> RewardFn:
 # ====================================================================================================
 def without_attributes(prompt: str) -> str:
     """CompBench feeds CLIP the complex prompt with its adjectives removed (we drop our attribute words)."""
-    return " ".join(
-        w for w in prompt.split() if w.lower().strip(",.") not in ATTRIBUTE_WORDS
-    )
+    return " ".join(w for w in prompt.split() if w.lower().strip(",.") not in ATTRIBUTE_WORDS)
 
 
 def load_complex(
@@ -736,9 +679,7 @@ def load_complex(
     action = load_clip_cosine(device, model=clip_model, dtype=dtype)
 
     def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        is_spatial = torch.tensor(
-            [parse_spatial_prompt(p) is not None for p in prompts]
-        )
+        is_spatial = torch.tensor([parse_spatial_prompt(p) is not None for p in prompts])
         a = attribute(images, prompts)
         # score = (attribute + spatial) / 2 or (attribute + CLIP without adjectives) / 2
         second = torch.where(
@@ -776,14 +717,9 @@ def load_head(path: str | Path) -> torch.nn.Sequential:
     return mlp
 
 
-def fetch_aesthetic_head(
-    url: str = AESTHETIC_HEAD_URL, cache_dir: str | None = None
-) -> Path:
+def fetch_aesthetic_head(url: str = AESTHETIC_HEAD_URL, cache_dir: str | None = None) -> Path:
     """Download the head's weights once into the cache (~/.cache/loop by default); return the path."""
-    cache = (
-        Path(cache_dir or os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        / "loop"
-    )
+    cache = Path(cache_dir or os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "loop"
     path = cache / url.rsplit("/", 1)[-1]
     if path.exists():
         return path
@@ -822,9 +758,7 @@ def load_aesthetic(
     def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_inputs(images, prompts)
         pixels = model_pixels(images.to(device, torch.float32), *geometry).to(dtype)
-        embedding = image_features(
-            net.get_image_features(pixel_values=pixels)
-        ).float()  # (N, 768)
+        embedding = image_features(net.get_image_features(pixel_values=pixels)).float()  # (N, 768)
         embedding = embedding / embedding.norm(dim=-1, keepdim=True)
         return mlp(embedding).squeeze(1).cpu()  # (N, 1) -> (N,)
 
@@ -842,9 +776,7 @@ def load_shapes(category: str) -> Callable[..., RewardFn]:
         def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
             check_inputs(images, prompts)
             return (
-                shapes_world.score(images.detach().float().cpu(), prompts, category)
-                .float()
-                .cpu()
+                shapes_world.score(images.detach().float().cpu(), prompts, category).float().cpu()
             )
 
         return reward
@@ -877,9 +809,7 @@ assert tuple(LOADERS) == REWARD_NAMES
 def load_reward(name: str, device: str | torch.device = "cpu", **options) -> RewardFn:
     """Load reward `name` once; returns fn(images (N, 3, H, W) in [0, 1], prompts) -> (N,) float32 on CPU."""
     if name not in LOADERS:
-        raise ValueError(
-            f"unknown reward {name!r}; valid rewards: {', '.join(REWARD_NAMES)}"
-        )
+        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(REWARD_NAMES)}")
     return LOADERS[name](device, **options)
 
 
@@ -944,9 +874,7 @@ def read_prompt_file(path: str, limit: int | None = None) -> list[str]:
     return prompts
 
 
-def generate(
-    pipe, prompt: str, seed: int, images_per_prompt: int, **sampling
-) -> torch.Tensor:
+def generate(pipe, prompt: str, seed: int, images_per_prompt: int, **sampling) -> torch.Tensor:
     """(M, 3, H, W) images in [0, 1] of one prompt, from a generator seeded with `seed`."""
     generator = torch.Generator(pipe.device).manual_seed(seed)
     return pipe(
@@ -1003,9 +931,7 @@ def evaluate(
         results.append({**row, "scores": scores.tolist()})
     mean = sum(r["mean"] for r in results) / len(results)
     elapsed = time.time() - start
-    print(
-        f"{reward} on {len(results)} prompts x {images_per_prompt} images: mean {mean:.4f}"
-    )
+    print(f"{reward} on {len(results)} prompts x {images_per_prompt} images: mean {mean:.4f}")
     print(f"({elapsed:.0f} s)")
     if out:
         settings = {"model": model, "lora": lora, "prompts": prompts, "reward": reward}

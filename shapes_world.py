@@ -73,15 +73,11 @@ CATEGORIES = ("color", "shape", "texture", "spatial")
 HALF_WIDTH = (9, 15)  # inclusive range of an object's half-width in pixels
 GAP = 3  # minimum empty pixels between two objects' bounding boxes
 DARK = 0.5  # the dark shade of a texture is color * DARK
-FG_THRESHOLD = (
-    48  # L1 distance to BACKGROUND (0..765) above which a pixel is foreground
-)
+FG_THRESHOLD = 48  # L1 distance to BACKGROUND (0..765) above which a pixel is foreground
 MIN_AREA = 24  # components smaller than this are specks, not objects
 RELATION_MARGIN = 8  # when drawing a spatial scene, |along| - |across| >= this (px)
 VAL_FRACTION = 0.25  # share of phrase combinations held out for validation
-PROMPT_DIR = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "prompts", "shapes"
-)
+PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "shapes")
 
 
 @dataclass(frozen=True)
@@ -104,14 +100,10 @@ def shape_mask(shape: str, cx: int, cy: int, h: int, size: int = SIZE) -> np.nda
     y, x = np.mgrid[0:size, 0:size]
     dx, dy = x - cx, y - cy
     if shape == "circle":
-        return (
-            dx**2 + dy**2 <= h * h + h
-        )  # "+ h" rounds the rim like a rasterised circle
+        return dx**2 + dy**2 <= h * h + h  # "+ h" rounds the rim like a rasterised circle
     if shape == "square":
         return (np.abs(dx) <= h) & (np.abs(dy) <= h)
-    if (
-        shape == "triangle"
-    ):  # apex at (cx, cy - h), base row at cy + h spanning cx - h..cx + h
+    if shape == "triangle":  # apex at (cx, cy - h), base row at cy + h spanning cx - h..cx + h
         inside_rows = (dy >= -h) & (dy <= h)
         half_span = (dy + h) / 2.0  # grows from 0 at the apex to h at the base
         return inside_rows & (np.abs(dx) <= half_span + 0.5)
@@ -148,11 +140,7 @@ def render(objects: list[Obj], size: int = SIZE) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 def phrase_text(o: Obj, with_color: bool = True, with_texture: bool = False) -> str:
     """The noun phrase naming an object, e.g. "red circle", "striped circle", "striped red circle"."""
-    words = (
-        ([o.texture] if with_texture else [])
-        + ([o.color] if with_color else [])
-        + [o.shape]
-    )
+    words = ([o.texture] if with_texture else []) + ([o.color] if with_color else []) + [o.shape]
     return " ".join(words)
 
 
@@ -167,9 +155,7 @@ def parse_phrase(phrase: str) -> dict[str, str]:
         elif word in TEXTURES:
             attributes["texture"] = word
         elif word not in ("a", "an"):
-            raise ValueError(
-                f"word {word!r} in phrase {phrase!r} is not part of the shapes world"
-            )
+            raise ValueError(f"word {word!r} in phrase {phrase!r} is not part of the shapes world")
     if "shape" not in attributes:
         raise ValueError(f"phrase {phrase!r} names no shape (one of {SHAPES})")
     return attributes
@@ -189,10 +175,7 @@ def parse_prompt(prompt: str) -> tuple[list[dict[str, str]], str | None]:
 def prompt_for(objects: list[Obj], category: str, relation: str | None = None) -> str:
     """The prompt of a category describing these objects (texture prompts name textures, not colors)."""
     texture = category == "texture"
-    phrases = [
-        f"a {phrase_text(o, with_color=not texture, with_texture=texture)}"
-        for o in objects
-    ]
+    phrases = [f"a {phrase_text(o, with_color=not texture, with_texture=texture)}" for o in objects]
     if category == "spatial":
         return f"{phrases[0]} {relation} {phrases[1]}"
     return " and ".join(phrases)
@@ -205,9 +188,7 @@ def split_of(prompt: str) -> str:
     (and every relation between them) fall in the same split, so no val combination is seen in training.
     """
     phrases, _ = parse_prompt(prompt)
-    key = "|".join(
-        sorted(" ".join(f"{k}={v}" for k, v in sorted(p.items())) for p in phrases)
-    )
+    key = "|".join(sorted(" ".join(f"{k}={v}" for k, v in sorted(p.items())) for p in phrases))
     bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "val" if bucket < VAL_FRACTION else "train"
 
@@ -227,9 +208,7 @@ def all_prompts(category: str) -> list[str]:
             else:
                 prompts.append(f"a {c1} {s1} and a {c2} {s2}")
     elif category == "texture":
-        for (t1, s1), (t2, s2) in itertools.permutations(
-            itertools.product(TEXTURES, SHAPES), 2
-        ):
+        for (t1, s1), (t2, s2) in itertools.permutations(itertools.product(TEXTURES, SHAPES), 2):
             if t1 != t2:
                 prompts.append(f"a {t1} {s1} and a {t2} {s2}")
     else:
@@ -263,9 +242,7 @@ def _relation_holds(a: Obj, b: Obj, relation: str) -> bool:
     dx, dy = b.cx - a.cx, b.cy - a.cy  # + means b is right of / below a
     if relation not in RELATIONS:
         raise ValueError(f"unknown relation {relation!r}; valid: {RELATIONS}")
-    along = {"on the left of": dx, "on the right of": -dx, "above": dy, "below": -dy}[
-        relation
-    ]
+    along = {"on the left of": dx, "on the right of": -dx, "above": dy, "below": -dy}[relation]
     across = abs(dy) if relation in ("on the left of", "on the right of") else abs(dx)
     return along > 0 and along - across >= RELATION_MARGIN
 
@@ -292,9 +269,7 @@ def place(
             )
         if len(objects) == 2 and not _boxes_apart(*objects):
             continue
-        if relation is not None and not _relation_holds(
-            objects[0], objects[1], relation
-        ):
+        if relation is not None and not _relation_holds(objects[0], objects[1], relation):
             continue
         return objects
     raise RuntimeError(f"could not place {attributes} with relation {relation!r}")
@@ -362,14 +337,8 @@ def connected_components(foreground: torch.Tensor) -> torch.Tensor:
     (at most one pass per pixel of the longest path; ~tens of passes for our blobs).
     """
     n, h, w = foreground.shape
-    index = (
-        torch.arange(1, h * w + 1, dtype=torch.float32)
-        .view(1, 1, h, w)
-        .expand(n, 1, h, w)
-    )
-    labels = torch.where(
-        foreground.unsqueeze(1), index, torch.zeros(())
-    )  # (N, 1, H, W)
+    index = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w).expand(n, 1, h, w)
+    labels = torch.where(foreground.unsqueeze(1), index, torch.zeros(()))  # (N, 1, H, W)
     fg = foreground.unsqueeze(1)
     while True:
         padded = torch.nn.functional.pad(labels, (1, 1, 1, 1))
@@ -413,9 +382,7 @@ def _shape_probabilities(mask: torch.Tensor) -> dict[str, float]:
     logits = torch.tensor(
         [-(abs(fill - f) + abs(top_bottom - t)) for f, t in SHAPE_PROTOTYPES.values()]
     )
-    return dict(
-        zip(SHAPE_PROTOTYPES, torch.softmax(logits / SHAPE_TEMPERATURE, 0).tolist())
-    )
+    return dict(zip(SHAPE_PROTOTYPES, torch.softmax(logits / SHAPE_TEMPERATURE, 0).tolist()))
 
 
 def _texture_probabilities(dark_fraction: float) -> dict[str, float]:
@@ -433,9 +400,7 @@ def _texture_probabilities(dark_fraction: float) -> dict[str, float]:
 def detect(image: torch.Tensor) -> list[Detection]:
     """All objects of one image (3, H, W) in [0, 1], largest first."""
     pixels = image.permute(1, 2, 0).float() * 255  # (H, W, 3)
-    foreground = (pixels - torch.tensor(BACKGROUND)).abs().sum(
-        -1
-    ) > FG_THRESHOLD  # (H, W)
+    foreground = (pixels - torch.tensor(BACKGROUND)).abs().sum(-1) > FG_THRESHOLD  # (H, W)
     labels = connected_components(foreground[None])[0]
     nearest = (
         torch.cdist(pixels.view(-1, 3), PALETTE.float()).argmin(-1).view(labels.shape)
@@ -480,9 +445,7 @@ def phrase_probability(detection: Detection, phrase: dict[str, str]) -> float:
 def relation_probability(a: Detection, b: Detection, relation: str) -> float:
     """P(a <relation> b) from centres: the relation's axis must dominate; logistic with a 2 px scale."""
     dx, dy = b.cx - a.cx, b.cy - a.cy  # + means b is right of / below a
-    along = {"on the left of": dx, "on the right of": -dx, "above": dy, "below": -dy}[
-        relation
-    ]
+    along = {"on the left of": dx, "on the right of": -dx, "above": dy, "below": -dy}[relation]
     across = abs(dy) if relation in ("on the left of", "on the right of") else abs(dx)
     # p = sigmoid(along / 2) * sigmoid((along - across) / 2): the right side, and the dominant axis
     return (
@@ -505,9 +468,7 @@ def score_one(image: torch.Tensor, prompt: str, category: str) -> float:
         # score = prod over phrases of P(yes | image, "<phrase>?")   (T2I-CompBench's BLIP-VQA rule)
         score = 1.0
         for phrase in phrases:
-            score *= max(
-                (phrase_probability(d, phrase) for d in detections), default=0.0
-            )
+            score *= max((phrase_probability(d, phrase) for d in detections), default=0.0)
         return score
     if category == "spatial":
         if relation is None or len(phrases) != 2:

@@ -48,7 +48,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import shapes_world as W
 
-MAX_TOKENS = 16  # longest prompt: "a striped red triangle on the right of a dotted blue square" = 12 + 2
+MAX_TOKENS = (
+    16  # longest prompt: "a striped red triangle on the right of a dotted blue square" = 12 + 2
+)
 SAMPLER = {
     "num_inference_steps": 10,
     "guidance_scale": 5.0,
@@ -67,9 +69,7 @@ def world_words() -> list[str]:
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map (the base alphabet of the BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(
-        range(ord("¡"), ord("¬") + 1)
-    )
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]
     n = 0
@@ -85,10 +85,7 @@ def bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE of one word: repeatedly merge the adjacent pair of lowest rank."""
     symbols = list(word[:-1]) + [word[-1] + "</w>"]
     while len(symbols) > 1:
-        pairs = [
-            (ranks.get(p, float("inf")), i)
-            for i, p in enumerate(itertools.pairwise(symbols))
-        ]
+        pairs = [(ranks.get(p, float("inf")), i) for i, p in enumerate(itertools.pairwise(symbols))]
         rank, i = min(pairs)
         if rank == float("inf"):
             break
@@ -203,9 +200,7 @@ CATEGORY_MIX = {
 
 def scene_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
     """n random training scenes (val phrase combinations never drawn): images (n, 3, 64, 64) in [0, 1]."""
-    categories = rng.choices(
-        list(CATEGORY_MIX), weights=list(CATEGORY_MIX.values()), k=n
-    )
+    categories = rng.choices(list(CATEGORY_MIX), weights=list(CATEGORY_MIX.values()), k=n)
     scenes = [W.random_scene(c, rng, split="train") for c in categories]
     images = torch.stack([W.to_tensor(W.render(objects)) for _, objects in scenes])
     return images, [prompt for prompt, _ in scenes]
@@ -244,9 +239,7 @@ def reconstruction_scores(vae: AutoencoderKL, rng: random.Random, n: int = 64) -
         prompts = [prompt for prompt, _ in scenes]
         recon = (vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample + 1) / 2
         result[category] = W.score(images, prompts, category).mean().item()
-        result[category + "_recon"] = (
-            W.score(recon.clamp(0, 1), prompts, category).mean().item()
-        )
+        result[category + "_recon"] = W.score(recon.clamp(0, 1), prompts, category).mean().item()
     return result
 
 
@@ -484,9 +477,7 @@ def main(
         scenes,
     )
     log({"stage": "done", "minutes": (time.time() - t0) / 60})
-    print(
-        f"done in {(time.time() - t0) / 60:.1f} min; calibration in {out}/train_log.jsonl"
-    )
+    print(f"done in {(time.time() - t0) / 60:.1f} min; calibration in {out}/train_log.jsonl")
 
 
 if __name__ == "__main__":

@@ -56,9 +56,7 @@ def save_blip(folder: Path) -> Path:
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "[DEC]", "[ENC]"]
-    tokenizer = BertTokenizer(
-        vocab={t: i for i, t in enumerate(tokens)}, bos_token="[DEC]"
-    )
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, bos_token="[DEC]")
     image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
     text = dict(
         vocab_size=len(tokens),
@@ -79,14 +77,10 @@ def save_blip(folder: Path) -> Path:
         initializer_range=BLIP_INIT,
         **SMALL_LAYERS,
     )
-    config = BlipConfig(
-        text_config=text, vision_config=vision, initializer_range=BLIP_INIT
-    )
+    config = BlipConfig(text_config=text, vision_config=vision, initializer_range=BLIP_INIT)
     torch.manual_seed(0)
     BlipForQuestionAnswering(config).save_pretrained(folder)
-    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
-        folder
-    )
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
 
 
@@ -118,17 +112,13 @@ def save_clip(folder: Path, projection_dim: int = 16) -> Path:
     )
     text.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
     vision = dict(hidden_size=32, image_size=32, patch_size=8, **SMALL_LAYERS)
-    config = CLIPConfig(
-        text_config=text, vision_config=vision, projection_dim=projection_dim
-    )
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}
     )
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
-        folder
-    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
 
 
@@ -153,9 +143,7 @@ def save_owlv2(folder: Path) -> Path:
         Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
     ).save_pretrained(folder)
     image_processor = Owlv2ImageProcessorPil(size={"height": 32, "width": 32})
-    Owlv2Processor(
-        image_processor=image_processor, tokenizer=tokenizer
-    ).save_pretrained(folder)
+    Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
 
 
@@ -218,9 +206,7 @@ def check_batching_and_precision(
 # ----------------------------------------------------------------------------------------------------
 def test_reward_names_and_unknown_name_lists_valid_ones():
     assert set(rewards.REWARD_NAMES) == set(rewards.LOADERS)
-    with pytest.raises(
-        ValueError, match="valid rewards: color, shape, texture, spatial"
-    ):
+    with pytest.raises(ValueError, match="valid rewards: color, shape, texture, spatial"):
         rewards.load_reward("colour")
 
 
@@ -332,9 +318,7 @@ def test_spacy_splitter_is_optional(blip_dir):
 def test_yes_probability_arithmetic():
     vocab = 6
     yes_id, no_id = 2, 4
-    probs = torch.tensor(
-        [[0.1, 0.05, 0.6, 0.03, 0.2, 0.02], [0.2, 0.2, 0.1, 0.1, 0.3, 0.1]]
-    )
+    probs = torch.tensor([[0.1, 0.05, 0.6, 0.03, 0.2, 0.02], [0.2, 0.2, 0.1, 0.1, 0.3, 0.1]])
     logits = probs.log() + 3.0  # any shift of the logits leaves probabilities unchanged
     # p(yes) / (p(yes) + p(no)) = 0.6 / 0.8 and 0.1 / 0.4
     expected = torch.tensor([0.75, 0.25])
@@ -373,9 +357,7 @@ def test_blip_first_answer_logits_match_transformers_generate(blip_dir):
     processor = AutoProcessor.from_pretrained(blip_dir)
     net = BlipForQuestionAnswering.from_pretrained(blip_dir).eval()
     image = random_images(1, 32)
-    pixels = rewards.model_pixels(
-        image, *rewards.processor_geometry(processor.image_processor)
-    )
+    pixels = rewards.model_pixels(image, *rewards.processor_geometry(processor.image_processor))
     tokens = processor.tokenizer(["a red car?"], return_tensors="pt")
     with torch.no_grad():
         reference = net.generate(
@@ -394,17 +376,11 @@ def test_blip_first_answer_logits_match_transformers_generate(blip_dir):
 def test_blip_options_change_the_computation(blip_dir):
     images, prompts = random_images(2), PROMPTS[:2]
     enc = rewards.load_reward("color", model=blip_dir)(images, prompts)
-    cls = rewards.load_reward("color", model=blip_dir, first_token="cls")(
-        images, prompts
-    )
+    cls = rewards.load_reward("color", model=blip_dir, first_token="cls")(images, prompts)
     assert not torch.allclose(enc, cls)  # the [ENC] token is really written
     raw = rewards.load_reward("color", model=blip_dir, normalise=False)(images, prompts)
-    assert (
-        raw < enc
-    ).all()  # vocabulary-wide p(yes) < p(yes) renormalised over {yes, no}
-    bigger = rewards.load_reward("color", model=blip_dir, image_size=48)(
-        images, prompts
-    )
+    assert (raw < enc).all()  # vocabulary-wide p(yes) < p(yes) renormalised over {yes, no}
+    bigger = rewards.load_reward("color", model=blip_dir, image_size=48)(images, prompts)
     assert bigger.shape == (2,) and not torch.allclose(bigger, enc)
     with pytest.raises(ValueError, match="first_token"):
         rewards.load_reward("color", model=blip_dir, first_token="sep")
@@ -415,16 +391,12 @@ def test_torch_preprocessing_matches_the_processors(blip_dir, clip_dir):
     from PIL import Image
     from transformers import AutoProcessor
 
-    smooth = torch.nn.functional.interpolate(
-        random_images(1, 6), size=(48, 56), mode="bilinear"
-    )
+    smooth = torch.nn.functional.interpolate(random_images(1, 6), size=(48, 56), mode="bilinear")
     array = (smooth[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     image = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
     for folder in (blip_dir, clip_dir):
         processor = AutoProcessor.from_pretrained(folder).image_processor
-        reference = processor(
-            images=Image.fromarray(array), return_tensors="pt"
-        ).pixel_values
+        reference = processor(images=Image.fromarray(array), return_tensors="pt").pixel_values
         ours = rewards.model_pixels(image, *rewards.processor_geometry(processor))
         assert ours.shape == reference.shape
         # normalised units (std ~0.27): 0.05 is ~0.013 in [0, 1] pixel units, resampling differences only
@@ -464,9 +436,7 @@ def test_relation_score_follows_compbench_rule():
     assert rewards.relation_score("on the top of", up, down) == 1.0  # y grows downwards
     assert rewards.relation_score("on top of", up, down) == 1.0
     assert rewards.relation_score("on the bottom of", down, up) == 1.0
-    assert (
-        rewards.relation_score("on the left of", up, down) == 0.0
-    )  # vertical axis dominates
+    assert rewards.relation_score("on the left of", up, down) == 0.0  # vertical axis dominates
     # overlapping boxes: iou = 1/3 -> iou_threshold / iou = 0.3
     a, b = torch.tensor([0.0, 0.0, 0.4, 0.4]), torch.tensor([0.2, 0.0, 0.6, 0.4])
     assert rewards.relation_score("on the left of", a, b) == pytest.approx(0.3)
@@ -479,15 +449,11 @@ def test_relation_score_follows_compbench_rule():
 def test_spatial_rule_combination_and_threshold():
     left, right = box(0.2, 0.5), box(0.8, 0.5)
     # 0.25 * 0.8 + 0.25 * 0.6 + 0.5 * 1 = 0.85
-    assert rewards.spatial_rule(
-        "on the left of", [(0.8, left), (0.6, right)]
-    ) == pytest.approx(0.85)
-    assert (
-        rewards.spatial_rule("on the right of", [(0.8, left), (0.6, right)]) == 0.0
-    )  # 0.35 < 0.5
-    assert (
-        rewards.spatial_rule("on the left of", [(0.9, left), None]) == 0.0
-    )  # 0.225 < 0.5
+    assert rewards.spatial_rule("on the left of", [(0.8, left), (0.6, right)]) == pytest.approx(
+        0.85
+    )
+    assert rewards.spatial_rule("on the right of", [(0.8, left), (0.6, right)]) == 0.0  # 0.35 < 0.5
+    assert rewards.spatial_rule("on the left of", [(0.9, left), None]) == 0.0  # 0.225 < 0.5
 
 
 def test_spatial_detector_path(owl_dir):
@@ -495,13 +461,9 @@ def test_spatial_detector_path(owl_dir):
         "a red car on the right of a bench",
         "a bench below a clock",
     ]
-    scores = check_batching_and_precision(
-        "spatial", owl_dir, prompts, box_threshold=0.0
-    )
+    scores = check_batching_and_precision("spatial", owl_dir, prompts, box_threshold=0.0)
     assert ((scores == 0) | ((scores >= 0.5) & (scores <= 1))).all()
-    no_relation = rewards.load_reward("spatial", model=owl_dir)(
-        random_images(1), ["a red car"]
-    )
+    no_relation = rewards.load_reward("spatial", model=owl_dir)(random_images(1), ["a red car"])
     assert no_relation.item() == 0.0
 
 
@@ -515,9 +477,7 @@ def test_clip_cosine_matches_clipmodel_forward(clip_dir):
     processor = AutoProcessor.from_pretrained(clip_dir)
     net = CLIPModel.from_pretrained(clip_dir).eval()
     images = random_images(len(PROMPTS))
-    pixels = rewards.model_pixels(
-        images, *rewards.processor_geometry(processor.image_processor)
-    )
+    pixels = rewards.model_pixels(images, *rewards.processor_geometry(processor.image_processor))
     tokens = processor.tokenizer(PROMPTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = net(
@@ -543,13 +503,9 @@ def test_complex_averages_attribute_with_spatial_or_action(blip_dir, owl_dir, cl
     )(images, prompts)
     attribute = rewards.load_reward("color", model=blip_dir)(images, prompts)
     spatial = rewards.load_reward("spatial", model=owl_dir)(images[:1], prompts[:1])
-    action = rewards.load_reward("non_spatial", model=clip_dir)(
-        images[1:], ["a dog and a cat"]
-    )
+    action = rewards.load_reward("non_spatial", model=clip_dir)(images[1:], ["a dog and a cat"])
     torch.testing.assert_close(score, (attribute + torch.cat([spatial, action])) / 2)
-    assert (
-        rewards.without_attributes("a fluffy dog and a white cat") == "a dog and a cat"
-    )
+    assert rewards.without_attributes("a fluffy dog and a white cat") == "a dog and a cat"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -557,9 +513,7 @@ def test_complex_averages_attribute_with_spatial_or_action(blip_dir, owl_dir, cl
 # ----------------------------------------------------------------------------------------------------
 def test_aesthetic_head_layer_sizes_and_state_dict_keys():
     head = rewards.aesthetic_head()
-    shapes = {
-        k: tuple(v.shape) for k, v in head.state_dict().items() if k.endswith("weight")
-    }
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items() if k.endswith("weight")}
     assert shapes == {
         "0.weight": (1024, 768),
         "2.weight": (128, 1024),
@@ -581,9 +535,7 @@ def test_aesthetic_path(tmp_path):
     upstream = {f"layers.{k}": v for k, v in head.state_dict().items()}
     torch.save(upstream, tmp_path / "head.pth")
     reward_options = {"head": str(tmp_path / "head.pth")}
-    scores = check_batching_and_precision(
-        "aesthetic", clip_dir, atol=0.02, **reward_options
-    )
+    scores = check_batching_and_precision("aesthetic", clip_dir, atol=0.02, **reward_options)
     # independent recomputation: MLP(e / |e|)
     from transformers import AutoProcessor, CLIPModel
 
@@ -600,18 +552,12 @@ def test_aesthetic_path(tmp_path):
 
 
 def test_aesthetic_head_offline_error_says_how_to_provide_it(tmp_path):
-    with pytest.raises(
-        RuntimeError, match="pass its path: load_reward\\('aesthetic', head="
-    ):
-        rewards.fetch_aesthetic_head(
-            url="http://127.0.0.1:9/head.pth", cache_dir=str(tmp_path)
-        )
+    with pytest.raises(RuntimeError, match="pass its path: load_reward\\('aesthetic', head="):
+        rewards.fetch_aesthetic_head(url="http://127.0.0.1:9/head.pth", cache_dir=str(tmp_path))
     cached = tmp_path / "loop" / "head.pth"
     cached.write_bytes(b"x")  # a cached file is used without any download
     assert (
-        rewards.fetch_aesthetic_head(
-            url="http://127.0.0.1:9/head.pth", cache_dir=str(tmp_path)
-        )
+        rewards.fetch_aesthetic_head(url="http://127.0.0.1:9/head.pth", cache_dir=str(tmp_path))
         == cached
     )
 
@@ -630,9 +576,7 @@ def test_load_prompts(tmp_path):
     ]
     with pytest.raises(ValueError, match="holds no prompts"):
         rewards.load_prompts(tmp_path, "color", "val")
-    with pytest.raises(
-        FileNotFoundError, match="shape_train.txt not found.*T2I-CompBench"
-    ):
+    with pytest.raises(FileNotFoundError, match="shape_train.txt not found.*T2I-CompBench"):
         rewards.load_prompts(tmp_path, "shape", "train")
     with pytest.raises(ValueError, match="split must be"):
         rewards.load_prompts(tmp_path, "color", "test")

@@ -115,9 +115,7 @@ def save_random_lora(model: Path, folder: Path) -> Path:
     unet = UNet2DConditionModel.from_pretrained(model / "unet")
     torch.manual_seed(1)
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    config = LoraConfig(
-        r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False
-    )
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
     unet.add_adapter(config)
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=get_peft_model_state_dict(unet)
@@ -149,9 +147,7 @@ def test_evaluate_command_end_to_end(tiny_sd, prompt_file, tmp_path):
     result = json.loads(out.read_text())
     assert [r["prompt"] for r in result["per_prompt"]] == PROMPTS
     assert [r["seed"] for r in result["per_prompt"]] == [0, 1]
-    assert all(
-        len(r["scores"]) == 2 and max(r["scores"]) < 0 for r in result["per_prompt"]
-    )
+    assert all(len(r["scores"]) == 2 and max(r["scores"]) < 0 for r in result["per_prompt"])
     means = [sum(r["scores"]) / 2 for r in result["per_prompt"]]
     assert result["mean"] == pytest.approx(sum(means) / 2)
     # the same command in-process gives the same numbers: seeds are fixed per prompt
@@ -175,9 +171,7 @@ def test_evaluate_with_lora_changes_the_images(tiny_sd, prompt_file, tmp_path):
         "model": str(tiny_sd),
     }
     rewards.evaluate(**common, device="cpu", out=str(base), **EVAL_ARGS)
-    rewards.evaluate(
-        **common, lora=str(lora), device="cpu", out=str(tuned), **EVAL_ARGS
-    )
+    rewards.evaluate(**common, lora=str(lora), device="cpu", out=str(tuned), **EVAL_ARGS)
     base_scores = [r["scores"] for r in json.loads(base.read_text())["per_prompt"]]
     tuned_scores = [r["scores"] for r in json.loads(tuned.read_text())["per_prompt"]]
     assert base_scores != tuned_scores
@@ -207,9 +201,7 @@ def test_evaluate_on_a_shapes_world_folder_uses_the_exact_judge(
     shutil.copytree(tiny_sd, model)
     (model / "shapes_world.json").write_text(json.dumps({"world": "shapes"}))
     out = tmp_path / "scores.json"
-    rewards.evaluate(
-        str(prompt_file), "color", str(model), device="cpu", out=str(out), **EVAL_ARGS
-    )
+    rewards.evaluate(str(prompt_file), "color", str(model), device="cpu", out=str(out), **EVAL_ARGS)
     assert "resolved to 'shapes_color'" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["reward"] == "shapes_color"
@@ -251,6 +243,4 @@ def test_shapes_judges_wrap_shapes_world_score(category):
     scores = reward(images, prompts)
     torch.testing.assert_close(scores, W.score(images, prompts, category))
     assert scores.dtype == torch.float32 and scores.shape == (2,)
-    assert (
-        scores[0] > 0.5 > scores[1]
-    )  # the matching prompt scores high, the mismatched one low
+    assert scores[0] > 0.5 > scores[1]  # the matching prompt scores high, the mismatched one low

@@ -28,9 +28,7 @@ import rewards
 def local(variable: str) -> str:
     path = os.environ.get(variable)
     if not path:
-        pytest.skip(
-            f"set {variable} to a local copy of the real weights to run this check"
-        )
+        pytest.skip(f"set {variable} to a local copy of the real weights to run this check")
     return path
 
 
@@ -59,9 +57,7 @@ def test_real_blip_vqa_prefers_the_right_colors():
 def test_real_clip_cosine_prefers_the_right_caption():
     reward = rewards.load_reward("non_spatial", model=local("LOOP_CLIP_B32_MODEL"))
     images = torch.cat([scene(), scene()])
-    right, wrong = reward(
-        images, ["a red circle and a blue square", "a green triangle"]
-    )
+    right, wrong = reward(images, ["a red circle and a blue square", "a green triangle"])
     assert 0.15 < right.item() < 0.45 and right > wrong
 
 
@@ -95,8 +91,6 @@ def test_cuda_default_precision_matches_cpu_float32(tmp_path):
     for name, folder in folders.items():
         kwargs = {"model": str(folder), **options.get(name, {})}
         cpu = rewards.load_reward(name, **kwargs)(images, PROMPTS)
-        cuda = rewards.load_reward(name, device="cuda", **kwargs)(
-            images.cuda(), PROMPTS
-        )
+        cuda = rewards.load_reward(name, device="cuda", **kwargs)(images.cuda(), PROMPTS)
         assert cuda.device.type == "cpu" and cuda.dtype == torch.float32
         torch.testing.assert_close(cuda, cpu, atol=0.05, rtol=0)

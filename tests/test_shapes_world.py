@@ -10,9 +10,7 @@ import torch
 import shapes_world as W
 
 
-def scene_batch(
-    category: str, n: int, seed: int
-) -> tuple[torch.Tensor, list[str], list]:
+def scene_batch(category: str, n: int, seed: int) -> tuple[torch.Tensor, list[str], list]:
     rng = random.Random(seed)
     scenes = [W.random_scene(category, rng, split=None) for _ in range(n)]
     images = torch.stack([W.to_tensor(W.render(objects)) for _, objects in scenes])
@@ -79,9 +77,7 @@ def test_judges_degrade_smoothly_under_noise():
     means = []
     for sigma in (0.0, 0.05, 0.1, 0.15, 0.2):
         noise = torch.randn(images.shape, generator=generator) * sigma
-        means.append(
-            W.score((images + noise).clamp(0, 1), prompts, "color").mean().item()
-        )
+        means.append(W.score((images + noise).clamp(0, 1), prompts, "color").mean().item())
     assert means[0] > 0.9 and means[-1] < means[0]
     steps = [a - b for a, b in itertools.pairwise(means)]
     assert max(steps) < 0.5, means  # no cliff between neighbouring noise levels
