@@ -78,14 +78,10 @@ import rewards
 HERE = Path(__file__).resolve().parent
 ALGOS = ("reinforce", "rloo", "ppo", "loop")
 NORMALIZATIONS = ("auto", "off", "batch", "group-std")
-SHAPES_MARKER = (
-    "shapes_world.json"  # a model folder with this file draws the shapes world
-)
+SHAPES_MARKER = "shapes_world.json"  # a model folder with this file draws the shapes world
 # T2I-CompBench's categories
 CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
-MIN_SIGMA = (
-    1e-4  # steps with sigma_t below this are (almost) deterministic: Deviation 2
-)
+MIN_SIGMA = 1e-4  # steps with sigma_t below this are (almost) deterministic: Deviation 2
 EVAL_SEED = 1234  # held-out noise: the same for every epoch, run and algorithm
 STAT_KEYS = ("approx_kl", "clipfrac", "ratio_mean", "grad_norm", "kl")
 
@@ -127,7 +123,7 @@ class Config:
     """T, DDIM steps per image"""
     eta: float = 1.0
     """eta, DDIM stochasticity (> 0: the policy must be stochastic)"""
-    guidance_scale: float = 4.0
+    guidance_scale: float = 5.0
     """w, classifier-free guidance scale"""
     clip_range: float = 1e-4
     """eps, PPO clip range on rho_t (for mean-reduced log-probs, Deviation 1)"""
@@ -165,9 +161,7 @@ def flag_docs() -> dict[str, str]:
     """Each Config field's docstring (the string under it), for --help."""
     body = ast.parse(inspect.getsource(Config)).body[0].body
     pairs = itertools.pairwise(body)
-    return {
-        a.target.id: b.value.value for a, b in pairs if isinstance(a, ast.AnnAssign)
-    }
+    return {a.target.id: b.value.value for a, b in pairs if isinstance(a, ast.AnnAssign)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,9 +181,7 @@ class Schedule:
 def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta: float) -> torch.Tensor:
     """sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)  (DDIM eq. 16)"""
     # sigma_t^2 / eta^2 = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
-    variance = (
-        (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
-    )
+    variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
     return eta * variance**0.5
 
 
@@ -205,14 +197,10 @@ def ddim_schedule(scheduler, num_steps: int, eta: float) -> Schedule:
     alpha_bar_t = alphas[timesteps]
     alpha_bar_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final)
     sigma_t = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
-    return Schedule(
-        timesteps, alpha_bar_t, alpha_bar_prev, sigma_t, sigma_t >= MIN_SIGMA
-    )
+    return Schedule(timesteps, alpha_bar_t, alpha_bar_prev, sigma_t, sigma_t >= MIN_SIGMA)
 
 
-def predicted_x0_and_eps(
-    model_output, x_t, alpha_bar_t, prediction_type: str, clip=None
-):
+def predicted_x0_and_eps(model_output, x_t, alpha_bar_t, prediction_type: str, clip=None):
     """x0_hat and eps_hat from the network's output; all (N, C, h, w)."""
     if prediction_type == "epsilon":
         eps_hat = model_output
@@ -223,9 +211,7 @@ def predicted_x0_and_eps(
         x0_hat = alpha_bar_t**0.5 * x_t - (1 - alpha_bar_t) ** 0.5 * model_output
         eps_hat = alpha_bar_t**0.5 * model_output + (1 - alpha_bar_t) ** 0.5 * x_t
     else:
-        raise UsageError(
-            f"prediction_type {prediction_type!r}: use an epsilon or v model"
-        )
+        raise UsageError(f"prediction_type {prediction_type!r}: use an epsilon or v model")
     if clip is not None:  # the scheduler's clip_sample (off for Stable Diffusion)
         x0_hat = x0_hat.clamp(-clip, clip)
     return x0_hat, eps_hat
@@ -234,10 +220,7 @@ def predicted_x0_and_eps(
 def ddim_mean(x0_hat, eps_hat, alpha_bar_prev, sigma_t) -> torch.Tensor:
     """mu_theta(x_t, c) = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_t^2) eps_hat  (N, C, h, w)"""
     # mu = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma_t^2) eps_hat
-    return (
-        alpha_bar_prev**0.5 * x0_hat
-        + (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps_hat
-    )
+    return alpha_bar_prev**0.5 * x0_hat + (1 - alpha_bar_prev - sigma_t**2) ** 0.5 * eps_hat
 
 
 def gaussian_log_prob(x_prev, mean, sigma_t) -> torch.Tensor:
@@ -268,9 +251,7 @@ def ddim_step(
     """Sample x_{t-1} (x_prev=None; equals DDIMScheduler.step with variance_noise=noise) or
     score the given x_prev. Returns x_prev (N, C, h, w), log_prob (N,) or None when
     sigma_t < MIN_SIGMA, and the mean (N, C, h, w)."""
-    x0_hat, eps_hat = predicted_x0_and_eps(
-        model_output, x_t, alpha_bar_t, prediction_type, clip
-    )
+    x0_hat, eps_hat = predicted_x0_and_eps(model_output, x_t, alpha_bar_t, prediction_type, clip)
     mean = ddim_mean(x0_hat, eps_hat, alpha_bar_prev, sigma_t)
     if x_prev is None:
         # x_{t-1} = mu + sigma_t z,  z ~ N(0, I)
@@ -318,9 +299,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
-def guided_noise_prediction(
-    unet, x_t, t, cond, uncond, guidance_scale: float
-) -> torch.Tensor:
+def guided_noise_prediction(unet, x_t, t, cond, uncond, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance in one batched UNet call: (N, C, h, w) -> (N, C, h, w)"""
     latent_in = torch.cat([x_t, x_t]).to(unet.dtype)  # (2N, C, h, w)
     uncond = uncond.expand(len(cond), -1, -1)  # (1, L, D) -> (N, L, D)
@@ -353,9 +332,7 @@ def policy_step(policy: Policy, x_t, j: int, cond, *, x_prev=None, noise=None):
 def draw_noise(generator: torch.Generator, n: int, num_steps: int, latent_shape: tuple):
     """x_T (n, C, h, w) and step noise z (n, T, C, h, w), on CPU, in diffusers' draw order."""
     x_T = torch.randn((n, *latent_shape), generator=generator)
-    steps = [
-        torch.randn((n, *latent_shape), generator=generator) for _ in range(num_steps)
-    ]
+    steps = [torch.randn((n, *latent_shape), generator=generator) for _ in range(num_steps)]
     return x_T, torch.stack(steps, dim=1)
 
 
@@ -368,9 +345,7 @@ def sample_trajectories(policy: Policy, cond, x_T, step_noise):
         z = step_noise[:, j].to(x_t.device)
         x_t, log_prob, _ = policy_step(policy, x_t, j, cond, noise=z)
         latents.append(x_t)
-        log_probs.append(
-            torch.zeros(len(x_t), device=x_t.device) if log_prob is None else log_prob
-        )
+        log_probs.append(torch.zeros(len(x_t), device=x_t.device) if log_prob is None else log_prob)
     return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1)
 
 
@@ -407,9 +382,7 @@ def rollout(
     """Sample, decode and score N images in micro-batches (the batches training re-scores).
     Returns a Rollout of N trajectories and the rewards (N,)."""
     parts, scores = [], []
-    for start in tqdm(
-        range(0, len(prompts), micro_batch), desc, leave=False, disable=not show
-    ):
+    for start in tqdm(range(0, len(prompts), micro_batch), desc, leave=False, disable=not show):
         chunk, rows = (
             prompts[start : start + micro_batch],
             slice(start, start + micro_batch),
@@ -457,18 +430,14 @@ def normalize(advantage: torch.Tensor, how: str) -> torch.Tensor:
     return torch.where(std > 1e-6, normalized, torch.zeros_like(advantage))
 
 
-def compute_advantages(
-    algo: str, reward, normalization: str, adv_clip: float
-) -> torch.Tensor:
+def compute_advantages(algo: str, reward, normalization: str, adv_clip: float) -> torch.Tensor:
     """A for each image, one visible branch per algorithm: reward (B, K) -> advantage (B*K,)"""
     if algo == "reinforce":
         advantage = reward  # A = r(x_0, c): no baseline
     elif algo == "rloo":
         advantage = leave_one_out_advantage(reward)  # A_i = r_i - b_i
     elif algo == "ppo":
-        advantage = (
-            reward  # DDPO: the per-prompt/batch statistics below act as the baseline
-        )
+        advantage = reward  # DDPO: the per-prompt/batch statistics below act as the baseline
     elif algo == "loop":
         advantage = leave_one_out_advantage(reward)  # A_i = r_i - b_i, as in RLOO
     advantage = normalize(advantage, normalization)
@@ -489,9 +458,7 @@ def reinforce_objective(log_prob, advantage) -> torch.Tensor:
     return log_prob * advantage
 
 
-def clipped_objective(
-    log_prob, old_log_prob, advantage, clip_range: float
-) -> torch.Tensor:
+def clipped_objective(log_prob, old_log_prob, advantage, clip_range: float) -> torch.Tensor:
     """min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A), PPO's clipped surrogate   (N,)"""
     ratio = importance_ratio(log_prob, old_log_prob)
     clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
@@ -562,9 +529,7 @@ def load_models(model: str, device, weight_dtype, lora_rank: int, seed: int) -> 
         ) from None
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if scheduler.config.thresholding:
-        raise UsageError(
-            "the scheduler uses dynamic thresholding, which DDIM's log-prob lacks"
-        )
+        raise UsageError("the scheduler uses dynamic thresholding, which DDIM's log-prob lacks")
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False).eval().to(device)
     torch.manual_seed(seed)  # the same LoRA init on every rank
@@ -595,9 +560,7 @@ def load_models(model: str, device, weight_dtype, lora_rank: int, seed: int) -> 
     )
 
 
-def make_policy(
-    models: Models, num_steps: int, eta: float, guidance_scale: float
-) -> Policy:
+def make_policy(models: Models, num_steps: int, eta: float, guidance_scale: float) -> Policy:
     config = models.scheduler.config
     schedule = ddim_schedule(models.scheduler, num_steps, eta)
     clip = config.clip_sample_range if config.clip_sample else None
@@ -656,28 +619,20 @@ def train_on_rollout(
     trainable = torch.nonzero(policy.schedule.trainable).flatten().tolist()
     n_steps = max(1, round(cfg.timestep_fraction * len(trainable)))
     n, mb, micro = len(advantage), sizes["minibatch_per_rank"], sizes["micro_batch"]
-    bar = tqdm(
-        total=cfg.inner_epochs * n // mb, desc="training", leave=False, disable=not show
-    )
+    bar = tqdm(total=cfg.inner_epochs * n // mb, desc="training", leave=False, disable=not show)
     for _ in range(cfg.inner_epochs):
         for mb_start in range(0, n, mb):
             optimizer.zero_grad()
             for start in range(mb_start, mb_start + mb, micro):
                 rows = slice(start, start + micro)
-                for j in sorted(
-                    rng.sample(trainable, n_steps)
-                ):  # per micro-batch: Deviation 3
+                for j in sorted(rng.sample(trainable, n_steps)):  # per micro-batch: Deviation 3
                     log_prob, mean = rescore(policy, batch, rows, j)
                     old_log_prob, adv = batch.log_probs[rows, j], advantage[rows]
-                    loss = policy_loss(
-                        cfg.algo, log_prob, old_log_prob, adv, cfg.clip_range
-                    )
+                    loss = policy_loss(cfg.algo, log_prob, old_log_prob, adv, cfg.clip_range)
                     if cfg.kl_coef > 0:
                         with torch.no_grad(), base_model(policy.unet):
                             ref_mean = rescore(policy, batch, rows, j)[1]
-                        kl = gaussian_kl(
-                            mean, ref_mean, policy.schedule.sigma_t[j]
-                        ).mean()
+                        kl = gaussian_kl(mean, ref_mean, policy.schedule.sigma_t[j]).mean()
                         loss = loss + cfg.kl_coef * kl  # loss = -J + beta KL
                         stats["kl"].append(kl.item())
                     # the minibatch loss is a mean over its samples and steps
@@ -685,9 +640,7 @@ def train_on_rollout(
                     with torch.no_grad():
                         ratio = importance_ratio(log_prob, old_log_prob)
                         clipped = (ratio - 1).abs() > cfg.clip_range
-                        stats["approx_kl"].append(
-                            0.5 * (ratio.log() ** 2).mean().item()
-                        )
+                        stats["approx_kl"].append(0.5 * (ratio.log() ** 2).mean().item())
                         stats["clipfrac"].append(clipped.float().mean().item())
                         stats["ratio_mean"].append(ratio.mean().item())
             sync_gradients(params)
@@ -799,9 +752,7 @@ def save_lora(unet, folder: Path) -> Path:
         folder.with_name(f"{folder.name}.tmp{os.getpid()}"),
         "pytorch_lora_weights.safetensors",
     )
-    StableDiffusionPipeline.save_lora_weights(
-        tmp, unet_lora_layers=state, safe_serialization=True
-    )
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
     folder.mkdir(parents=True, exist_ok=True)
     os.replace(tmp / name, folder / name)
     tmp.rmdir()
@@ -833,9 +784,7 @@ def load_checkpoint(run: Path, unet, optimizer) -> int:
     """Restore what save_checkpoint wrote; returns the epoch to continue from."""
     from peft.utils import set_peft_model_state_dict
 
-    state = torch.load(
-        run / "checkpoint" / "state.pt", weights_only=False, map_location="cpu"
-    )
+    state = torch.load(run / "checkpoint" / "state.pt", weights_only=False, map_location="cpu")
     set_peft_model_state_dict(unet, state["lora"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -852,9 +801,7 @@ def append_metrics(run: Path, row: dict) -> None:
 
 
 def read_metrics(run: Path, before_epoch: int | None = None) -> list[dict]:
-    rows = [
-        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if before_epoch is None or r["epoch"] < before_epoch]
 
 
@@ -873,8 +820,7 @@ def resolve_model_path(model: str) -> str:
         if candidate.is_dir():
             if not (candidate / "model_index.json").is_file():
                 raise UsageError(
-                    f"--model {model}: no model_index.json in {candidate}; pass "
-                    "a diffusers folder"
+                    f"--model {model}: no model_index.json in {candidate}; pass a diffusers folder"
                 )
             return str(candidate)
     first = model.split("/")[0]
@@ -895,9 +841,7 @@ def read_prompts(path: Path, what: str) -> list[str]:
         )
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise UsageError(
-            f"{what} prompt file {path} is empty; write one prompt per line"
-        )
+        raise UsageError(f"{what} prompt file {path} is empty; write one prompt per line")
     return prompts
 
 
@@ -910,8 +854,7 @@ def resolve_reward_and_prompts(cfg: Config, model_path: str):
         print(f"shapes-world model: --reward {cfg.reward} resolves to {reward}")
     if reward not in rewards.REWARD_NAMES:
         raise UsageError(
-            f"unknown --reward {cfg.reward!r}; choose one of "
-            f"{', '.join(rewards.REWARD_NAMES)}"
+            f"unknown --reward {cfg.reward!r}; choose one of {', '.join(rewards.REWARD_NAMES)}"
         )
     category = reward.removeprefix("shapes_")
     if cfg.train_prompts:
@@ -922,8 +865,7 @@ def resolve_reward_and_prompts(cfg: Config, model_path: str):
         train = HERE / "prompts" / "shapes" / f"{category}_train.txt"
     else:
         raise UsageError(
-            f"no prompts for --reward {reward}; pass --train_prompts FILE or "
-            "--prompt_dir DIR"
+            f"no prompts for --reward {reward}; pass --train_prompts FILE or --prompt_dir DIR"
         )
     train_prompts = read_prompts(train, "training")
     held_out = train.with_name(train.name.replace("_train.txt", "_val.txt"))
@@ -931,9 +873,7 @@ def resolve_reward_and_prompts(cfg: Config, model_path: str):
         held_out = Path(cfg.eval_prompts)
     elif held_out == train or not held_out.is_file():
         held_out = train  # a plain prompt file without a *_val.txt
-        print(
-            f"no held-out prompt file next to {train}: evaluating on its first prompts"
-        )
+        print(f"no held-out prompt file next to {train}: evaluating on its first prompts")
     return (
         reward,
         train_prompts,
@@ -944,9 +884,7 @@ def resolve_reward_and_prompts(cfg: Config, model_path: str):
 def check_config(cfg: Config, world: int) -> dict:
     """Reject bad input with one clear line; return the derived sizes printed at start-up."""
     if cfg.algo not in ALGOS:
-        raise UsageError(
-            f"unknown --algo {cfg.algo!r}; choose one of {', '.join(ALGOS)}"
-        )
+        raise UsageError(f"unknown --algo {cfg.algo!r}; choose one of {', '.join(ALGOS)}")
     if cfg.algo in ("rloo", "loop") and cfg.k < 2:
         raise UsageError(
             f"--algo {cfg.algo} needs K >= 2 images per prompt for the "
@@ -967,16 +905,10 @@ def check_config(cfg: Config, world: int) -> dict:
     if cfg.normalize_advantage == "group-std" and cfg.k < 2:
         raise UsageError("--normalize_advantage group-std needs --k >= 2; use batch")
     if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise UsageError(f"--mixed_precision {cfg.mixed_precision!r}: use auto, no, bf16, fp16")
+    if not 0 < cfg.timestep_fraction <= 1 or min(cfg.epochs, cfg.num_steps, cfg.inner_epochs) < 1:
         raise UsageError(
-            f"--mixed_precision {cfg.mixed_precision!r}: use auto, no, bf16, fp16"
-        )
-    if (
-        not 0 < cfg.timestep_fraction <= 1
-        or min(cfg.epochs, cfg.num_steps, cfg.inner_epochs) < 1
-    ):
-        raise UsageError(
-            "need 0 < --timestep_fraction <= 1 and --epochs, --num_steps, "
-            "--inner_epochs >= 1"
+            "need 0 < --timestep_fraction <= 1 and --epochs, --num_steps, --inner_epochs >= 1"
         )
     if cfg.images_per_epoch % (world * cfg.k):
         raise UsageError(
@@ -984,9 +916,7 @@ def check_config(cfg: Config, world: int) -> dict:
             f"K x ranks = {cfg.k * world} (whole groups of K per rank)"
         )
     on_policy = cfg.algo in ("reinforce", "rloo")
-    default = (
-        cfg.images_per_epoch if on_policy else max(world, cfg.images_per_epoch // 4)
-    )
+    default = cfg.images_per_epoch if on_policy else max(world, cfg.images_per_epoch // 4)
     minibatch = cfg.minibatch or default
     if on_policy and (minibatch != cfg.images_per_epoch or cfg.inner_epochs != 1):
         raise UsageError(
@@ -1001,12 +931,8 @@ def check_config(cfg: Config, world: int) -> dict:
             f"over {world} rank(s), and be a multiple of --micro_batch {micro}"
         )
     normalization = cfg.normalize_advantage
-    if (
-        normalization == "auto"
-    ):  # the paper's choice: DDPO's statistics for PPO, raw A else
-        normalization = (
-            ("group-std" if cfg.k > 1 else "batch") if cfg.algo == "ppo" else "off"
-        )
+    if normalization == "auto":  # the paper's choice: DDPO's statistics for PPO, raw A else
+        normalization = ("group-std" if cfg.k > 1 else "batch") if cfg.algo == "ppo" else "off"
     return {
         "world_size": world,
         "prompts_per_epoch": cfg.images_per_epoch // cfg.k,
@@ -1027,30 +953,20 @@ def setup_distributed(cfg: Config):
         int(os.environ.get("RANK", "0")),
         int(os.environ.get("WORLD_SIZE", "1")),
     )
-    use_cuda = cfg.device == "cuda" or (
-        cfg.device == "auto" and torch.cuda.is_available()
-    )
-    if cfg.device not in ("auto", "cpu", "cuda") or (
-        use_cuda and not torch.cuda.is_available()
-    ):
-        raise UsageError(
-            f"--device {cfg.device}: not available here; use cpu, cuda or auto"
-        )
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device not in ("auto", "cpu", "cuda") or (use_cuda and not torch.cuda.is_available()):
+        raise UsageError(f"--device {cfg.device}: not available here; use cpu, cuda or auto")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if use_cuda else "gloo", rank=rank, world_size=world
-        )
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return rank, world, device
 
 
 def weight_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype:
     choice = mixed_precision
     if choice == "auto":
-        choice = (
-            "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-        )
+        choice = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
     return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
@@ -1084,9 +1000,7 @@ def start_run(
     (run / "metrics.jsonl").unlink(missing_ok=True)
     config = json.dumps(dataclasses.asdict(cfg), indent=2)
     atomic_write(run / "config.json", lambda tmp: tmp.write_text(config))
-    reward, images = evaluate(
-        models, policy, prompts, reward_fn, sizes["micro_batch"], True
-    )
+    reward, images = evaluate(models, policy, prompts, reward_fn, sizes["micro_batch"], True)
     save_eval(run, 0, prompts, reward, images)
     row = {"epoch": 0, "images_seen": 0, "reward_mean": None, "reward_std": None}
     row |= {
@@ -1105,27 +1019,22 @@ def start_run(
 # --------------------------------------------------------------------------------------------
 def main(cfg: Config) -> Path:
     rank, world, device = setup_distributed(cfg)
+    # CPU: denormal floats (e.g. from near-zero advantages) run ~100x slower; flush them to 0
+    torch.set_flush_denormal(True)
     sizes = check_config(cfg, world)
     model_path = resolve_model_path(cfg.model)
-    reward_name, train_prompts, eval_prompts = resolve_reward_and_prompts(
-        cfg, model_path
-    )
+    reward_name, train_prompts, eval_prompts = resolve_reward_and_prompts(cfg, model_path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = Path(
-        cfg.resume or cfg.out or f"runs/{cfg.algo}-{cfg.reward}-k{cfg.k}-{stamp}"
-    )
+    run = Path(cfg.resume or cfg.out or f"runs/{cfg.algo}-{cfg.reward}-k{cfg.k}-{stamp}")
     if not cfg.resume and (run / "checkpoint").exists():
         raise UsageError(
-            f"--out {run} holds a run; continue it with --resume {run} or pick "
-            "another --out"
+            f"--out {run} holds a run; continue it with --resume {run} or pick another --out"
         )
     show = rank == 0  # rank 0 prints and writes
     if show:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
         print("derived:", json.dumps(sizes))
-        print(
-            f"reward {reward_name}: {len(train_prompts)} training, {len(eval_prompts)} held-out"
-        )
+        print(f"reward {reward_name}: {len(train_prompts)} training, {len(eval_prompts)} held-out")
 
     # Load: frozen pipeline (bf16 on GPU), fp32 LoRA, the reward, the DDIM policy.
     weight_dtype = weight_dtype_for(cfg.mixed_precision, device)
@@ -1133,9 +1042,7 @@ def main(cfg: Config) -> Path:
     reward_fn = rewards.load_reward(reward_name, device=device)
     policy = make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
     if not policy.schedule.trainable.any():
-        raise UsageError(
-            f"--eta {cfg.eta} leaves every sigma_t < {MIN_SIGMA}; raise --eta"
-        )
+        raise UsageError(f"--eta {cfg.eta} leaves every sigma_t < {MIN_SIGMA}; raise --eta")
     params = lora_parameters(models.unet)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)  # DDPO's decay
     if show:
@@ -1155,28 +1062,20 @@ def main(cfg: Config) -> Path:
             truncate_metrics(run, start_epoch + 1)
             print(f"resumed {run} at epoch {start_epoch}")
     elif show:
-        score = start_run(
-            run, cfg, models, policy, eval_prompts, reward_fn, optimizer, sizes
-        )
+        score = start_run(run, cfg, models, policy, eval_prompts, reward_fn, optimizer, sizes)
         print(f"held-out {reward_name} before training: {score:.4f}")
     if world > 1:
         dist.barrier()
 
     # Optimise: each epoch = one rollout of B*K images per rank, then the algorithm's updates.
     n_images = sizes["images_per_rank"]
-    for epoch in tqdm(
-        range(start_epoch, cfg.epochs), f"{cfg.algo} epochs", disable=not show
-    ):
+    for epoch in tqdm(range(start_epoch, cfg.epochs), f"{cfg.algo} epochs", disable=not show):
         tic = time.time()
         rng = random.Random(epoch_seed(cfg.seed, rank, epoch))
         chosen = rng.choices(train_prompts, k=n_images // cfg.k)  # B prompts
-        prompts = [
-            p for p in chosen for _ in range(cfg.k)
-        ]  # B*K, each group of K together
+        prompts = [p for p in chosen for _ in range(cfg.k)]  # B*K, each group of K together
         generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, rank, epoch))
-        x_T, step_noise = draw_noise(
-            generator, n_images, cfg.num_steps, models.latent_shape
-        )
+        x_T, step_noise = draw_noise(generator, n_images, cfg.num_steps, models.latent_shape)
         batch, reward = rollout(
             models,
             policy,
@@ -1190,9 +1089,7 @@ def main(cfg: Config) -> Path:
         reward_groups = reward.view(-1, cfg.k)  # (B*K,) -> (B, K)
         normalization = sizes["normalization"]
         # (B, K) -> (B*K,)
-        advantage = compute_advantages(
-            cfg.algo, reward_groups, normalization, cfg.adv_clip
-        )
+        advantage = compute_advantages(cfg.algo, reward_groups, normalization, cfg.adv_clip)
         stats = train_on_rollout(
             policy, batch, advantage.to(device), cfg, optimizer, rng, sizes, show
         )
@@ -1237,9 +1134,7 @@ def main(cfg: Config) -> Path:
             f"held-out {reward_name}: before {first['eval_reward_mean']:.4f} -> after "
             f"{last['eval_reward_mean']:.4f} (epoch {last['epoch']})"
         )
-        print(
-            f"before/after grid: {before_after_grid(run, first['epoch'], last['epoch'])}"
-        )
+        print(f"before/after grid: {before_after_grid(run, first['epoch'], last['epoch'])}")
         print(f"LoRA: {run / 'lora' / 'pytorch_lora_weights.safetensors'}")
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -1259,13 +1154,8 @@ def config_from_flags(flags: dict) -> Config:
     values = {}
     if flags.get("resume"):
         run = Path(flags["resume"])
-        if (
-            not (run / "config.json").is_file()
-            or not (run / "checkpoint" / "state.pt").is_file()
-        ):
-            raise UsageError(
-                f"--resume {run}: no config.json and checkpoint/ there; pass a run"
-            )
+        if not (run / "config.json").is_file() or not (run / "checkpoint" / "state.pt").is_file():
+            raise UsageError(f"--resume {run}: no config.json and checkpoint/ there; pass a run")
         values = json.loads((run / "config.json").read_text())
     for name, value in flags.items():
         kind = hints[name]

@@ -142,9 +142,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_v(tmp_path_factory) -> Path:
     """Same as tiny_model but with v-prediction (like stable-diffusion-2 at 768px)."""
-    return save_tiny_pipeline(
-        tmp_path_factory.mktemp("tiny_v") / "tiny-sd-v", "v_prediction"
-    )
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_v") / "tiny-sd-v", "v_prediction")
 
 
 @pytest.fixture(scope="session")
@@ -161,7 +159,5 @@ def subprocess_env() -> dict:
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
     )
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env

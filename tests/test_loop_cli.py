@@ -68,9 +68,7 @@ def test_bad_input_exits_with_one_clear_line(case, tmp_path, tiny_model, prompt_
     result = run_loop(args, cwd=tmp_path)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: ") and expected in lines[-1], (
-        result.stderr
-    )
+    assert lines and lines[-1].startswith("error: ") and expected in lines[-1], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # nothing half-written
 
@@ -92,12 +90,9 @@ def test_smoke_run_of_each_algo(algo, tmp_path, tiny_model, prompt_file):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "derived:" in result.stdout and "updates_per_epoch" in result.stdout
     assert (
-        "before/after grid:" in result.stdout
-        and "held-out jpeg_compressibility" in result.stdout
+        "before/after grid:" in result.stdout and "held-out jpeg_compressibility" in result.stdout
     )
-    rows = [
-        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert all(r["eval_reward_mean"] is not None for r in rows)
     for key in (
@@ -188,23 +183,15 @@ def torchrun(tmp_path, tiny_model, prompt_file, name, no_sync=False):
     return [torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1)]
 
 
-def test_two_ranks_under_torchrun_keep_identical_lora_weights(
-    tmp_path, tiny_model, prompt_file
-):
+def test_two_ranks_under_torchrun_keep_identical_lora_weights(tmp_path, tiny_model, prompt_file):
     """PITFALLS #5: gloo on CPU, each rank samples its own prompts, gradients all-reduced."""
     rank0, rank1 = torchrun(tmp_path, tiny_model, prompt_file, "synced")
-    assert not torch.equal(
-        rank0["rewards"], rank1["rewards"]
-    )  # different rollouts per rank
-    assert any(
-        p.abs().max() > 0 for n, p in rank0["lora"].items() if "lora_B" in n
-    )  # updated
+    assert not torch.equal(rank0["rewards"], rank1["rewards"])  # different rollouts per rank
+    assert any(p.abs().max() > 0 for n, p in rank0["lora"].items() if "lora_B" in n)  # updated
     assert all(torch.equal(rank0["lora"][n], rank1["lora"][n]) for n in rank0["lora"])
     # the same run without the all-reduce diverges, so the check above can fail
     rank0, rank1 = torchrun(tmp_path, tiny_model, prompt_file, "unsynced", no_sync=True)
-    assert not all(
-        torch.equal(rank0["lora"][n], rank1["lora"][n]) for n in rank0["lora"]
-    )
+    assert not all(torch.equal(rank0["lora"][n], rank1["lora"][n]) for n in rank0["lora"])
 
 
 def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, capsys):
@@ -215,14 +202,10 @@ def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, ca
     write_prompts(tmp_path / "prompts" / "shapes" / "color_train.txt", ["a red cube"])
     write_prompts(tmp_path / "prompts" / "shapes" / "color_val.txt", ["a blue ball"])
     monkeypatch.setattr(loop, "HERE", tmp_path)
-    monkeypatch.chdir(
-        tmp_path.parent
-    )  # the default --model is relative to loop.py's folder
+    monkeypatch.chdir(tmp_path.parent)  # the default --model is relative to loop.py's folder
     path = loop.resolve_model_path("assets/tiny-shapes")
     assert Path(path) == model
-    reward, train, held_out = loop.resolve_reward_and_prompts(
-        loop.Config(reward="color"), path
-    )
+    reward, train, held_out = loop.resolve_reward_and_prompts(loop.Config(reward="color"), path)
     assert (reward, train, held_out) == (
         "shapes_color",
         ["a red cube"],

@@ -25,9 +25,7 @@ SCHEDULERS = {
 @pytest.mark.parametrize("num_steps", [4, 50])
 def test_ddim_step_equals_diffusers(prediction_type, config, num_steps):
     """prev_sample within 1e-6 of DDIMScheduler.step with the same variance_noise, at every step."""
-    scheduler = DDIMScheduler(
-        **{**SCHEDULERS[config], "prediction_type": prediction_type}
-    )
+    scheduler = DDIMScheduler(**{**SCHEDULERS[config], "prediction_type": prediction_type})
     eta = 1.0
     schedule = loop.ddim_schedule(scheduler, num_steps, eta)
     clip = scheduler.config.clip_sample_range if scheduler.config.clip_sample else None
@@ -37,9 +35,7 @@ def test_ddim_step_equals_diffusers(prediction_type, config, num_steps):
         x_t = torch.randn(3, 4, 8, 8, generator=gen)
         model_output = torch.randn(3, 4, 8, 8, generator=gen)
         noise = torch.randn(3, 4, 8, 8, generator=gen)
-        ref = scheduler.step(
-            model_output, t, x_t, eta=eta, variance_noise=noise
-        ).prev_sample
+        ref = scheduler.step(model_output, t, x_t, eta=eta, variance_noise=noise).prev_sample
         ours, log_prob, mean = loop.ddim_step(
             model_output,
             x_t,
@@ -62,9 +58,7 @@ def test_ddim_step_equals_diffusers(prediction_type, config, num_steps):
 def test_last_step_sigma_guard():
     """PITFALLS #1: know which steps have sigma_t > 0; the zero-sigma step is never trained on."""
     sd2 = loop.ddim_schedule(DDIMScheduler(**SCHEDULERS["sd2"]), 10, 1.0)
-    assert (
-        sd2.trainable.all() and sd2.sigma_t.min() > 0.01
-    )  # last step: t=1, sigma ~ 0.02
+    assert sd2.trainable.all() and sd2.sigma_t.min() > 0.01  # last step: t=1, sigma ~ 0.02
     one = loop.ddim_schedule(DDIMScheduler(**SCHEDULERS["alpha_to_one"]), 10, 1.0)
     assert one.sigma_t[-1] == 0 and not one.trainable[-1] and one.trainable[:-1].all()
     # the sigma formula itself, against diffusers' _get_variance
@@ -110,18 +104,12 @@ def test_leave_one_out_advantage_matches_explicit_loop():
 
 
 def test_advantage_branches_and_normalisation():
-    reward = torch.tensor(
-        [[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]]
-    )  # second prompt: std 0
-    assert torch.equal(
-        loop.compute_advantages("reinforce", reward, "off", 0), reward.flatten()
-    )
+    reward = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])  # second prompt: std 0
+    assert torch.equal(loop.compute_advantages("reinforce", reward, "off", 0), reward.flatten())
     loo = loop.leave_one_out_advantage(reward).flatten()
     assert torch.equal(loop.compute_advantages("rloo", reward, "off", 0), loo)
     assert torch.equal(loop.compute_advantages("loop", reward, "off", 0), loo)
-    ppo = loop.compute_advantages(
-        "ppo", reward, "group-std", 5.0
-    )  # DDPO per-prompt statistics
+    ppo = loop.compute_advantages("ppo", reward, "group-std", 5.0)  # DDPO per-prompt statistics
     torch.testing.assert_close(ppo, torch.tensor([1.0, -1.0, -1.0, 1.0, 0, 0, 0, 0]))
     batch = loop.normalize(reward, "batch")
     torch.testing.assert_close(batch.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
@@ -155,9 +143,7 @@ def test_clipped_side_has_exactly_zero_gradient():
     # rho = e^0.1 > 1 + eps with A > 0, rho = e^-0.1 < 1 - eps with A < 0: clipped -> zero gradient
     # rho = e^-0.1 with A > 0 and rho = e^0.1 with A < 0: the unclipped term is the min -> gradient
     log_prob = torch.tensor([0.1, -0.1, -0.1, 0.1])
-    grad = _grads(
-        lambda lp: loop.policy_loss("loop", lp, old, advantage, 0.2 / 10), log_prob
-    )
+    grad = _grads(lambda lp: loop.policy_loss("loop", lp, old, advantage, 0.2 / 10), log_prob)
     assert grad[0] == 0 and grad[1] == 0
     assert grad[2] != 0 and grad[3] != 0
     ratio = loop.importance_ratio(log_prob, old)

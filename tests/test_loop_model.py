@@ -146,9 +146,7 @@ def run_main(tmp_path, tiny_model, name, monkeypatch=None, **overrides):
 
 
 def metrics(run):
-    rows = [
-        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         row.pop("seconds")
     return rows
@@ -202,9 +200,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_model):
     assert metrics(full) == metrics(half)
 
 
-def test_interrupted_checkpoint_write_leaves_the_old_one(
-    tmp_path, tiny_model, monkeypatch
-):
+def test_interrupted_checkpoint_write_leaves_the_old_one(tmp_path, tiny_model, monkeypatch):
     run = run_main(tmp_path, tiny_model, "run", epochs=1)
     good = (run / "checkpoint" / "state.pt").read_bytes()
 
@@ -222,9 +218,7 @@ def test_interrupted_checkpoint_write_leaves_the_old_one(
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["state.pt"]
 
 
-def test_nan_reward_stops_and_names_the_prompt(
-    tmp_path, tiny_model, monkeypatch, capsys
-):
+def test_nan_reward_stops_and_names_the_prompt(tmp_path, tiny_model, monkeypatch, capsys):
     def nan_for_cats(images, prompts):
         return torch.tensor([float("nan") if "cat" in p else 0.0 for p in prompts])
 
@@ -245,13 +239,9 @@ def test_nan_reward_stops_and_names_the_prompt(
         )
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert (
-        message.startswith("error:") and "non-finite" in message and "a cat" in message
-    )
+    assert message.startswith("error:") and "non-finite" in message and "a cat" in message
     run = tmp_path / "run"
-    assert [r["epoch"] for r in metrics(run)] == [
-        0
-    ]  # the untrained evaluation, nothing after
+    assert [r["epoch"] for r in metrics(run)] == [0]  # the untrained evaluation, nothing after
     models = load(tiny_model, rank=loop.Config.lora_rank)
     opt = torch.optim.AdamW(loop.lora_parameters(models.unet))
     assert loop.load_checkpoint(run, models.unet, opt) == 0
@@ -300,7 +290,5 @@ def test_saved_lora_loads_in_stock_diffusers_and_reproduces_images(
         ).images
 
     with_lora, without = stock(True), stock(False)
-    torch.testing.assert_close(with_lora, ours, atol=2e-5, rtol=0)
-    assert (
-        without - ours
-    ).abs().max() > 1e-3  # the LoRA changed the images: the test can fail
+    torch.testing.assert_close(with_lora, ours, atol=1e-6, rtol=0)
+    assert (without - ours).abs().max() > 1e-3  # the LoRA changed the images: the test can fail
