@@ -190,10 +190,7 @@ def ddim_schedule(scheduler, num_steps: int, eta: float) -> Schedule:
     scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps.clone()  # (T,)
     prev = timesteps - scheduler.config.num_train_timesteps // num_steps
-    alphas, final = (
-        scheduler.alphas_cumprod.float(),
-        scheduler.final_alpha_cumprod.float(),
-    )
+    alphas, final = (scheduler.alphas_cumprod.float(), scheduler.final_alpha_cumprod.float())
     alpha_bar_t = alphas[timesteps]
     alpha_bar_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final)
     sigma_t = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
@@ -383,10 +380,7 @@ def rollout(
     Returns a Rollout of N trajectories and the rewards (N,)."""
     parts, scores = [], []
     for start in tqdm(range(0, len(prompts), micro_batch), desc, leave=False, disable=not show):
-        chunk, rows = (
-            prompts[start : start + micro_batch],
-            slice(start, start + micro_batch),
-        )
+        chunk, rows = (prompts[start : start + micro_batch], slice(start, start + micro_batch))
         # (n, L, D)
         cond = encode_prompts(models.tokenizer, models.text_encoder, chunk).float()
         x_0 = x_T[rows].to(models.device)
@@ -536,10 +530,7 @@ def load_models(model: str, device, weight_dtype, lora_rank: int, seed: int) -> 
     target = ["to_k", "to_q", "to_v", "to_out.0"]
     pipe.unet.add_adapter(
         LoraConfig(
-            r=lora_rank,
-            lora_alpha=lora_rank,
-            init_lora_weights="gaussian",
-            target_modules=target,
+            r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=target
         )
     )
     for p in lora_parameters(pipe.unet):  # LoRA and its optimizer state in fp32
@@ -565,12 +556,7 @@ def make_policy(models: Models, num_steps: int, eta: float, guidance_scale: floa
     schedule = ddim_schedule(models.scheduler, num_steps, eta)
     clip = config.clip_sample_range if config.clip_sample else None
     return Policy(
-        models.unet,
-        models.uncond,
-        schedule,
-        guidance_scale,
-        config.prediction_type,
-        clip,
+        models.unet, models.uncond, schedule, guidance_scale, config.prediction_type, clip
     )
 
 
@@ -674,15 +660,7 @@ def evaluate(
     T = len(policy.schedule.timesteps)
     x_T, step_noise = draw_noise(generator, len(prompts), T, models.latent_shape)
     batch, reward = rollout(
-        models,
-        policy,
-        prompts,
-        x_T,
-        step_noise,
-        reward_fn,
-        micro_batch,
-        show,
-        "evaluating",
+        models, policy, prompts, x_T, step_noise, reward_fn, micro_batch, show, "evaluating"
     )
     return reward, batch.images
 
@@ -874,11 +852,7 @@ def resolve_reward_and_prompts(cfg: Config, model_path: str):
     elif held_out == train or not held_out.is_file():
         held_out = train  # a plain prompt file without a *_val.txt
         print(f"no held-out prompt file next to {train}: evaluating on its first prompts")
-    return (
-        reward,
-        train_prompts,
-        read_prompts(held_out, "held-out")[: cfg.num_eval_prompts],
-    )
+    return (reward, train_prompts, read_prompts(held_out, "held-out")[: cfg.num_eval_prompts])
 
 
 def check_config(cfg: Config, world: int) -> dict:
@@ -949,10 +923,7 @@ def check_config(cfg: Config, world: int) -> dict:
 
 def setup_distributed(cfg: Config):
     """Rank, world size and device; torchrun sets RANK/WORLD_SIZE (gloo on CPU, nccl on GPU)."""
-    rank, world = (
-        int(os.environ.get("RANK", "0")),
-        int(os.environ.get("WORLD_SIZE", "1")),
-    )
+    rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device not in ("auto", "cpu", "cuda") or (use_cuda and not torch.cuda.is_available()):
         raise UsageError(f"--device {cfg.device}: not available here; use cpu, cuda or auto")
@@ -1003,11 +974,7 @@ def start_run(
     reward, images = evaluate(models, policy, prompts, reward_fn, sizes["micro_batch"], True)
     save_eval(run, 0, prompts, reward, images)
     row = {"epoch": 0, "images_seen": 0, "reward_mean": None, "reward_std": None}
-    row |= {
-        "eval_reward_mean": reward.mean().item(),
-        **dict.fromkeys(STAT_KEYS),
-        "seconds": 0.0,
-    }
+    row |= {"eval_reward_mean": reward.mean().item(), **dict.fromkeys(STAT_KEYS), "seconds": 0.0}
     append_metrics(run, row)
     # from here on, --resume always works
     save_checkpoint(run, models.unet, optimizer, 0)
@@ -1077,14 +1044,7 @@ def main(cfg: Config) -> Path:
         generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, rank, epoch))
         x_T, step_noise = draw_noise(generator, n_images, cfg.num_steps, models.latent_shape)
         batch, reward = rollout(
-            models,
-            policy,
-            prompts,
-            x_T,
-            step_noise,
-            reward_fn,
-            sizes["micro_batch"],
-            show,
+            models, policy, prompts, x_T, step_noise, reward_fn, sizes["micro_batch"], show
         )
         reward_groups = reward.view(-1, cfg.k)  # (B*K,) -> (B, K)
         normalization = sizes["normalization"]
@@ -1184,6 +1144,12 @@ def cli(**flags) -> None:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the last checkpoint is intact; continue with --resume RUN",
+            file=sys.stderr,
+        )
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -36,14 +36,7 @@ SD2_SCHEDULER = {
     "prediction_type": "epsilon",
 }
 
-PROMPTS = [
-    "a red cube",
-    "a blue ball",
-    "a green cone",
-    "two red balls",
-    "a cat",
-    "a dog",
-]
+PROMPTS = ["a red cube", "a blue ball", "a green cone", "two red balls", "a cat", "a dog"]
 
 
 def tiny_tokenizer(folder: Path):
@@ -57,7 +50,8 @@ def tiny_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    # from the files, as transformers 4.x and 5.x both read them
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=16)
 
 
 def build_tiny_pipeline(tmp: Path, prediction_type: str = "epsilon", seed: int = 0):
@@ -154,10 +148,7 @@ def subprocess_env() -> dict:
     """Environment for running loop.py in a subprocess: one thread, offline, repo importable."""
     env = dict(os.environ)
     env.update(
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
     )
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env

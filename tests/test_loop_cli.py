@@ -40,10 +40,7 @@ BAD_INPUTS = {
     "loop with K=1": (["--algo", "loop", "--k", "1"], "K >= 2"),
     "eta zero": (["--eta", "0"], "--eta"),
     "eta negative": (["--eta", "-0.5"], "--eta"),
-    "missing model folder": (
-        ["--model", "{tmp}/no-such-model"],
-        "model folder not found",
-    ),
+    "missing model folder": (["--model", "{tmp}/no-such-model"], "model folder not found"),
     "empty prompt file": (["--train_prompts", "{tmp}/empty.txt"], "is empty"),
     "missing prompt file": (["--train_prompts", "{tmp}/missing.txt"], "not found"),
     "unknown flag": (["--learning_rate", "1"], "unknown flag"),
@@ -76,16 +73,7 @@ def test_bad_input_exits_with_one_clear_line(case, tmp_path, tiny_model, prompt_
 @pytest.mark.parametrize("algo", loop.ALGOS)
 def test_smoke_run_of_each_algo(algo, tmp_path, tiny_model, prompt_file):
     out = tmp_path / "run"
-    args = [
-        "--algo",
-        algo,
-        "--model",
-        tiny_model,
-        "--train_prompts",
-        prompt_file,
-        "--out",
-        out,
-    ]
+    args = ["--algo", algo, "--model", tiny_model, "--train_prompts", prompt_file, "--out", out]
     result = run_loop([*args, *TINY_BUDGET], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "derived:" in result.stdout and "updates_per_epoch" in result.stdout
@@ -206,11 +194,7 @@ def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, ca
     path = loop.resolve_model_path("assets/tiny-shapes")
     assert Path(path) == model
     reward, train, held_out = loop.resolve_reward_and_prompts(loop.Config(reward="color"), path)
-    assert (reward, train, held_out) == (
-        "shapes_color",
-        ["a red cube"],
-        ["a blue ball"],
-    )
+    assert (reward, train, held_out) == ("shapes_color", ["a red cube"], ["a blue ball"])
     assert "resolves to shapes_color" in capsys.readouterr().out
     # a plain model keeps T2I-CompBench's reward and reads <category>_train/_val.txt from --prompt_dir
     plain = tmp_path / "plain"

@@ -13,10 +13,7 @@ import loop
 SCHEDULERS = {
     "sd2": SD2_SCHEDULER,  # set_alpha_to_one=False: last sigma_t small but > 0
     "alpha_to_one": {**SD2_SCHEDULER, "set_alpha_to_one": True},  # last sigma_t == 0
-    "sd1_clip": {
-        **SD2_SCHEDULER,
-        "clip_sample": True,
-    },  # DDIMScheduler's default clip_sample
+    "sd1_clip": {**SD2_SCHEDULER, "clip_sample": True},  # DDIMScheduler's default clip_sample
 }
 
 
@@ -86,8 +83,7 @@ def test_gaussian_kl_equals_torch_kl():
     mean, ref_mean = torch.randn(2, 2, 3, 3, 4, generator=gen)
     sigma = torch.tensor(0.2)
     ref = torch.distributions.kl_divergence(
-        torch.distributions.Normal(mean, sigma),
-        torch.distributions.Normal(ref_mean, sigma),
+        torch.distributions.Normal(mean, sigma), torch.distributions.Normal(ref_mean, sigma)
     ).mean(dim=(1, 2, 3))
     torch.testing.assert_close(loop.gaussian_kl(mean, ref_mean, sigma), ref)
 

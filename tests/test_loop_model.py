@@ -21,13 +21,7 @@ def brightness_reward(images, prompts):
 
 
 def tiny_config(**overrides) -> loop.Config:
-    base = {
-        "k": 4,
-        "images_per_epoch": 8,
-        "num_steps": 3,
-        "micro_batch": 4,
-        "guidance_scale": 3.0,
-    }
+    base = {"k": 4, "images_per_epoch": 8, "num_steps": 3, "micro_batch": 4, "guidance_scale": 3.0}
     return loop.Config(**{**base, **overrides})
 
 
@@ -74,6 +68,45 @@ def test_rescoring_a_fresh_rollout_gives_ratio_one(model_fixture, request):
             ratio = loop.importance_ratio(log_prob, batch.log_probs[idx, j])
             worst = max(worst, (ratio - 1).abs().max().item())
     assert worst <= 1e-6, worst
+
+
+def test_ratio_one_with_bf16_frozen_weights(tiny_model):
+    """Mixed precision: bf16 UNet, fp32 LoRA and log-probs; the re-score still matches exactly."""
+    models = loop.load_models(str(tiny_model), torch.device("cpu"), torch.bfloat16, 4, 0)
+    perturb_lora(models)
+    assert {p.dtype for p in loop.lora_parameters(models.unet)} == {torch.float32}
+    cfg = tiny_config()
+    policy, batch, _ = fresh_rollout(models, cfg)
+    assert batch.log_probs.dtype == torch.float32
+    log_prob, _ = loop.rescore(policy, batch, slice(0, cfg.micro_batch), 1)
+    ratio = loop.importance_ratio(log_prob, batch.log_probs[: cfg.micro_batch, 1])
+    assert (ratio - 1).abs().max() <= 1e-6
+
+
+def test_kl_reference_is_the_model_with_lora_switched_off(tiny_model):
+    models, plain = load(tiny_model), load(tiny_model)  # plain: LoRA B == 0, i.e. the base model
+    perturb_lora(models)
+    cfg = tiny_config()
+    policy, batch, _ = fresh_rollout(models, cfg)
+    base_policy = loop.make_policy(plain, cfg.num_steps, cfg.eta, cfg.guidance_scale)
+    rows = slice(0, 4)
+    with torch.no_grad():
+        _, mean = loop.rescore(policy, batch, rows, 1)
+        with loop.base_model(models.unet):
+            _, ref_mean = loop.rescore(policy, batch, rows, 1)
+        _, base_mean = loop.rescore(base_policy, batch, rows, 1)
+        _, mean_again = loop.rescore(policy, batch, rows, 1)
+    assert torch.equal(ref_mean, base_mean) and torch.equal(mean, mean_again)
+    kl = loop.gaussian_kl(mean, ref_mean, policy.schedule.sigma_t[1])
+    assert (kl > 0).all()
+    # the penalty enters training: with kl_coef > 0 the statistics report it
+    sizes = loop.check_config(tiny_config(kl_coef=0.5), world=1)
+    advantage = loop.compute_advantages("loop", torch.zeros(2, 4), "off", 5.0)
+    optimizer = torch.optim.AdamW(loop.lora_parameters(models.unet), lr=1e-3)
+    stats = loop.train_on_rollout(
+        policy, batch, advantage, tiny_config(kl_coef=0.5), optimizer, random.Random(0), sizes
+    )
+    assert stats["kl"] > 0 and stats["grad_norm"] > 0  # zero advantage: the KL alone pulls
 
 
 @pytest.mark.parametrize("pair", [("ppo", "reinforce"), ("loop", "rloo")])
@@ -163,13 +196,7 @@ def test_same_seed_gives_identical_runs(tmp_path, tiny_model):
     # the run-folder contract
     rows = metrics(a)
     assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["images_seen"] == 8
-    for key in (
-        "reward_mean",
-        "reward_std",
-        "eval_reward_mean",
-        "approx_kl",
-        "clipfrac",
-    ):
+    for key in ("reward_mean", "reward_std", "eval_reward_mean", "approx_kl", "clipfrac"):
         assert rows[-1][key] is not None
     assert {"ratio_mean", "grad_norm", "images_seen"} <= set(rows[0])
     config = json.loads((a / "config.json").read_text())
@@ -182,13 +209,7 @@ def test_same_seed_gives_identical_runs(tmp_path, tiny_model):
 
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_model):
     """N epochs == N/2 epochs + --resume for N/2 more: identical LoRA weights and metrics (CPU)."""
-    opts = {
-        "algo": "loop",
-        "inner_epochs": 2,
-        "minibatch": 2,
-        "epochs": 4,
-        "eval_every": 2,
-    }
+    opts = {"algo": "loop", "inner_epochs": 2, "minibatch": 2, "epochs": 4, "eval_every": 2}
     full = run_main(tmp_path, tiny_model, "full", **opts)
     half = run_main(tmp_path, tiny_model, "half", **{**opts, "epochs": 2})
     resumed = loop.main(loop.config_from_flags({"resume": str(half), "epochs": 4}))
