@@ -507,13 +507,15 @@ def load_models(model: str, device, weight_dtype, lora_rank: int, seed: int) -> 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from peft import LoraConfig
 
+    # fp32 is from_pretrained's default; passing it anyway only triggers a deprecation warning
+    half = {"torch_dtype": weight_dtype} if weight_dtype != torch.float32 else {}
     try:  # the same loader for a folder and a hub id; a folder never touches the network
         pipe = StableDiffusionPipeline.from_pretrained(
             model,
-            torch_dtype=weight_dtype,
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=Path(model).is_dir(),
+            **half,
         )
     except (OSError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]

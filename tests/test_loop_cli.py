@@ -16,9 +16,23 @@ import loop
 
 LOOP = str(REPO / "loop.py")
 TINY_BUDGET = [
-    "--reward", "jpeg_compressibility", "--k", "2", "--images_per_epoch", "4", "--num_steps", "3",
-    "--micro_batch", "2", "--epochs", "2", "--eval_every", "1", "--num_eval_prompts", "4",
-]  # fmt: skip
+    "--reward",
+    "jpeg_compressibility",
+    "--k",
+    "2",
+    "--images_per_epoch",
+    "4",
+    "--num_steps",
+    "3",
+    "--micro_batch",
+    "2",
+    "--epochs",
+    "2",
+    "--eval_every",
+    "1",
+    "--num_eval_prompts",
+    "4",
+]
 
 
 def run_loop(args, cwd, timeout=300):
@@ -180,6 +194,33 @@ def test_two_ranks_under_torchrun_keep_identical_lora_weights(tmp_path, tiny_mod
     # the same run without the all-reduce diverges, so the check above can fail
     rank0, rank1 = torchrun(tmp_path, tiny_model, prompt_file, "unsynced", no_sync=True)
     assert not all(torch.equal(rank0["lora"][n], rank1["lora"][n]) for n in rank0["lora"])
+
+
+ASSET = REPO / "assets" / "tiny-shapes"
+
+
+@pytest.mark.skipif(
+    not (ASSET / "model_index.json").is_file(), reason="assets/tiny-shapes not built"
+)
+def test_default_model_runs_with_the_shapes_reward(tmp_path):
+    """The README's default command (default --model, --reward color) with a tiny budget."""
+    budget = [
+        "--epochs",
+        "1",
+        "--images_per_epoch",
+        "8",
+        "--num_steps",
+        "3",
+        "--num_eval_prompts",
+        "8",
+    ]
+    result = run_loop(
+        ["--algo", "loop", "--k", "4", "--reward", "color", *budget, "--out", tmp_path / "run"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resolves to shapes_color" in result.stdout
+    assert "before/after grid:" in result.stdout
 
 
 def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, capsys):
