@@ -36,12 +36,12 @@ Deviations from the paper (each with its reason):
     a non-finite reward or gradient: one NaN update would destroy the LoRA weights silently.
 
 Notation (paper symbol -> code name):
-    B prompts per rank and epoch    n_prompts       K samples per prompt         k
+    B prompts per rank and epoch    reward (B, K)   K samples per prompt         k
     T denoising (DDIM) steps        num_steps       x_t, the latent at step t    latents[:, j]
     c prompt (text embedding)       cond            log pi_theta(x_{t-1}|x_t,c)  log_prob
     log pi_old (sampling policy)    old_log_prob    alpha_bar_t                  alpha_bar_t
     sigma_t, DDIM std               sigma_t         eta, DDIM stochasticity      eta
-    r(x_0, c), reward               reward          b_i, leave-one-out baseline  baseline
+    r(x_0, c), reward               reward          b_i, leave-one-out baseline  baseline (b)
     A_i, advantage                  advantage       rho_t, importance ratio      ratio
     eps, PPO clip range             clip_range      w, guidance scale            guidance_scale
 Shapes: N = B*K images on a rank, (C, h, w) a latent, (3, H, W) an image, (L, D) a text embedding.
@@ -49,6 +49,11 @@ Shapes: N = B*K images on a rank, (C, h, w) a latent, (3, H, W) an image, (L, D)
 Run folder (--out): config.json; metrics.jsonl (one row per epoch; row 0 is the untrained model's
 held-out score); samples/*.png grids with a .txt of captions; lora/pytorch_lora_weights.safetensors
 (diffusers format); checkpoint/state.pt (everything --resume needs, written atomically).
+Metrics (per epoch): images_seen; reward_mean / reward_std of the rollout (all ranks);
+eval_reward_mean, the held-out mean with fixed noise (null when not evaluated); over every trained
+(sample, step): approx_kl = mean 0.5 (log rho_t)^2, clipfrac = share with |rho_t - 1| > eps,
+ratio_mean = mean rho_t; grad_norm = LoRA gradient norm before clipping (mean over updates);
+kl = the KL penalty term (null when --kl_coef 0); seconds = wall time of the epoch.
 """
 
 from __future__ import annotations
@@ -397,7 +402,7 @@ def rollout(
 # 3. The four estimators: advantages, importance ratio, objectives
 # --------------------------------------------------------------------------------------------
 def leave_one_out_baseline(reward: torch.Tensor) -> torch.Tensor:
-    """b_i = 1/(K-1) sum_{j != i} r_j, per prompt: (B, K) -> (B, K)"""
+    """b_i = 1/(K-1) sum_{j != i} r_j, per prompt: reward (B, K) -> baseline (B, K)"""
     k = reward.shape[1]
     # b_i = (sum_j r_j - r_i) / (K - 1)
     return (reward.sum(dim=1, keepdim=True) - reward) / (k - 1)
@@ -803,6 +808,11 @@ def resolve_model_path(model: str) -> str:
                     f"--model {model}: no model_index.json in {candidate}; pass a diffusers folder"
                 )
             return str(candidate)
+    if model == Config.model:
+        raise UsageError(
+            f"the embedded model {HERE / model} is missing; build it with "
+            "scripts/train_tiny_pipeline.py or pass --model"
+        )
     first = model.split("/")[0]
     hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if not hub_id or Path(first).is_dir() or (HERE / first).is_dir():
