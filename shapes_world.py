@@ -29,12 +29,11 @@ or val by a fixed hash, so a val prompt's attribute-object combination never app
 (`split_of`). Prompt files: prompts/shapes/{category}_{train,val}.txt, written by `write_prompt_files`.
 
 The judges (the world's "VQA model", all from pixels)
-1. Foreground = pixels whose L1 distance to BACKGROUND exceeds FG_THRESHOLD; 4-connected components of
-   at least MIN_AREA pixels are objects.
+1. A 3x3 median filter removes pixel noise; foreground = pixels whose L1 distance to BACKGROUND exceeds
+   FG_THRESHOLD; 4-connected components of at least MIN_AREA pixels are objects.
 2. Per object: p(color c) = fraction of its pixels whose nearest palette entry (full or dark shade) is c;
-   p(shape s) = softmax over shapes of -|features - prototype| / temperature, with two features, the
-   fill ratio area / bbox area (square 1.0, circle ~0.75, triangle ~0.5) and the top-to-bottom width
-   ratio (triangle ~0, others ~1); p(texture t) from the fraction of dark-shade pixels (logistic steps).
+   p(shape s) = softmax over shapes of IoU(mask, ideal shape s of the same area and centroid) / temperature;
+   p(texture t) from the fraction of dark-shade pixels in the unfiltered image (logistic steps).
 3. P(yes | image, "<phrase>?") = max over objects of the product of that phrase's attribute
    probabilities (an object-presence factor included).
 4. color / shape / texture score = product over the prompt's phrases (T2I-CompBench's BLIP-VQA rule);
@@ -46,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -322,12 +322,7 @@ PALETTE = torch.tensor(
 )
 PALETTE_COLOR = list(COLORS) * 2
 PALETTE_IS_DARK = torch.tensor([False] * len(COLORS) + [True] * len(COLORS))
-SHAPE_PROTOTYPES = {
-    "circle": (0.79, 1.0),
-    "square": (1.0, 1.0),
-    "triangle": (0.54, 0.17),
-}  # (fill, top/bottom)
-SHAPE_TEMPERATURE = 0.04
+SHAPE_TEMPERATURE = 0.03  # softmax temperature over template IoUs
 
 
 def connected_components(foreground: torch.Tensor) -> torch.Tensor:
@@ -370,19 +365,36 @@ class Detection:
 
 
 def _shape_probabilities(mask: torch.Tensor) -> dict[str, float]:
-    """p(shape) from the fill ratio and the width of the top quarter over the bottom quarter of the bbox."""
+    """p(shape): how well the object's mask overlaps each ideal shape of the same area and centroid.
+
+    Each template is the world's shape placed so that its area and centroid match the mask's (a triangle's
+    centroid lies h/3 below its centre); IoU with a template is robust to frayed or noisy edges, unlike
+    bounding-box features.
+    """
     ys, xs = torch.nonzero(mask, as_tuple=True)
-    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
-    height, width = int(y1 - y0) + 1, int(x1 - x0) + 1
-    fill = mask.sum().item() / (height * width)
-    rows = mask[y0 : y1 + 1, x0 : x1 + 1].sum(1).float()  # (height,) widths of each row
-    quarter = max(1, height // 4)
-    top_bottom = (rows[:quarter].mean() / rows[-quarter:].mean().clamp(min=1)).item()
-    # logit_s = -(|fill - fill_s| + |top_bottom - top_bottom_s|) / temperature, p = softmax(logit)
-    logits = torch.tensor(
-        [-(abs(fill - f) + abs(top_bottom - t)) for f, t in SHAPE_PROTOTYPES.values()]
-    )
-    return dict(zip(SHAPE_PROTOTYPES, torch.softmax(logits / SHAPE_TEMPERATURE, 0).tolist()))
+    area, cx, cy = len(ys), xs.float().mean().item(), ys.float().mean().item()
+    size = mask.shape[-1]
+    grid_y, grid_x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    dx, dy = grid_x - cx, grid_y - cy
+    # same area A:  circle r = sqrt(A / pi);  square (2h)^2 = A;  triangle (2h)^2 / 2 = A
+    r, h_square, h_triangle = (area / math.pi) ** 0.5, area**0.5 / 2, (area / 2) ** 0.5
+    dy_triangle = dy + h_triangle / 3  # from the triangle's centroid to its bbox centre
+    templates = {
+        "circle": dx**2 + dy**2 <= r * r,
+        "square": (dx.abs() <= h_square) & (dy.abs() <= h_square),
+        "triangle": (dy_triangle.abs() <= h_triangle)
+        & (dx.abs() <= (dy_triangle + h_triangle) / 2),
+    }
+    iou = torch.tensor([(t & mask).sum() / (t | mask).sum() for t in templates.values()])
+    # p(shape) = softmax(IoU(mask, template_shape) / temperature)
+    return dict(zip(templates, torch.softmax(iou / SHAPE_TEMPERATURE, 0).tolist()))
+
+
+def median_filter(image: torch.Tensor) -> torch.Tensor:
+    """3x3 median of each channel, (3, H, W) -> (3, H, W): removes pixel noise, keeps edges."""
+    padded = torch.nn.functional.pad(image[None], (1, 1, 1, 1), mode="replicate")
+    patches = torch.nn.functional.unfold(padded, 3).view(3, 9, *image.shape[1:])  # (3, 9, H, W)
+    return patches.median(dim=1).values
 
 
 def _texture_probabilities(dark_fraction: float) -> dict[str, float]:
@@ -399,12 +411,14 @@ def _texture_probabilities(dark_fraction: float) -> dict[str, float]:
 
 def detect(image: torch.Tensor) -> list[Detection]:
     """All objects of one image (3, H, W) in [0, 1], largest first."""
-    pixels = image.permute(1, 2, 0).float() * 255  # (H, W, 3)
+    # segment, color and shape on the median-filtered image; texture on the raw pixels (the filter
+    # would erase 2x2 dots)
+    pixels = median_filter(image.float()).permute(1, 2, 0) * 255  # (H, W, 3)
+    raw = image.float().permute(1, 2, 0) * 255  # (H, W, 3)
     foreground = (pixels - torch.tensor(BACKGROUND)).abs().sum(-1) > FG_THRESHOLD  # (H, W)
     labels = connected_components(foreground[None])[0]
-    nearest = (
-        torch.cdist(pixels.view(-1, 3), PALETTE.float()).argmin(-1).view(labels.shape)
-    )  # (H, W)
+    nearest = torch.cdist(pixels.view(-1, 3), PALETTE.float()).argmin(-1).view(labels.shape)
+    nearest_raw = torch.cdist(raw.reshape(-1, 3), PALETTE.float()).argmin(-1).view(labels.shape)
     detections = []
     for label in labels.unique()[1:]:
         mask = labels == label
@@ -415,7 +429,7 @@ def detect(image: torch.Tensor) -> list[Detection]:
         p_color = {c: 0.0 for c in COLORS}
         for entry, count in zip(*entries.unique(return_counts=True)):
             p_color[PALETTE_COLOR[entry]] += count.item() / area
-        dark_fraction = PALETTE_IS_DARK[entries].float().mean().item()
+        dark_fraction = PALETTE_IS_DARK[nearest_raw[mask]].float().mean().item()
         ys, xs = torch.nonzero(mask, as_tuple=True)
         detections.append(
             Detection(
@@ -443,15 +457,13 @@ def phrase_probability(detection: Detection, phrase: dict[str, str]) -> float:
 
 
 def relation_probability(a: Detection, b: Detection, relation: str) -> float:
-    """P(a <relation> b) from centres: the relation's axis must dominate; logistic with a 2 px scale."""
+    """P(a <relation> b) from centres: the relation's axis must dominate; logistic, 1.5 px scale."""
     dx, dy = b.cx - a.cx, b.cy - a.cy  # + means b is right of / below a
     along = {"on the left of": dx, "on the right of": -dx, "above": dy, "below": -dy}[relation]
     across = abs(dy) if relation in ("on the left of", "on the right of") else abs(dx)
-    # p = sigmoid(along / 2) * sigmoid((along - across) / 2): the right side, and the dominant axis
-    return (
-        torch.sigmoid(torch.tensor(along / 2.0))
-        * torch.sigmoid(torch.tensor((along - across) / 2.0))
-    ).item()
+    # p = sigmoid(along / 1.5) * sigmoid((along - across) / 1.5): the right side, the dominant axis
+    p_side = torch.sigmoid(torch.tensor(along / 1.5))
+    return (p_side * torch.sigmoid(torch.tensor((along - across) / 1.5))).item()
 
 
 def vqa_probability(image: torch.Tensor, phrase: str) -> float:
