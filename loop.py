@@ -83,6 +83,7 @@ import rewards
 HERE = Path(__file__).resolve().parent
 ALGOS = ("reinforce", "rloo", "ppo", "loop")
 NORMALIZATIONS = ("auto", "off", "batch", "group-std")
+PRECISIONS = ("auto", "no", "bf16", "fp16")  # --mixed_precision: dtype of the frozen weights
 SHAPES_MARKER = "shapes_world.json"  # a model folder with this file draws the shapes world
 # T2I-CompBench's categories
 CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
@@ -162,13 +163,6 @@ class Config:
     """cpu | cuda | auto"""
 
 
-def flag_docs() -> dict[str, str]:
-    """Each Config field's docstring (the string under it), for --help."""
-    body = ast.parse(inspect.getsource(Config)).body[0].body
-    pairs = itertools.pairwise(body)
-    return {a.target.id: b.value.value for a, b in pairs if isinstance(a, ast.AnnAssign)}
-
-
 # --------------------------------------------------------------------------------------------
 # 1. The denoising MDP: a DDIM step with eta > 0 is a Gaussian policy pi_theta(x_{t-1} | x_t, c)
 # --------------------------------------------------------------------------------------------
@@ -230,11 +224,8 @@ def gaussian_log_prob(x_prev, mean, sigma_t) -> torch.Tensor:
     x_prev, mean = x_prev.float(), mean.float()
     sigma_t = torch.as_tensor(sigma_t, dtype=torch.float32)
     # log N(x; mu, sigma^2) = -(x - mu)^2 / (2 sigma^2) - log sigma - log sqrt(2 pi)
-    log_density = (
-        -((x_prev - mean) ** 2) / (2 * sigma_t**2)
-        - torch.log(sigma_t)
-        - math.log(math.sqrt(2 * math.pi))
-    )
+    log_density = -((x_prev - mean) ** 2) / (2 * sigma_t**2) - torch.log(sigma_t)
+    log_density = log_density - math.log(math.sqrt(2 * math.pi))
     return log_density.mean(dim=tuple(range(1, x_prev.ndim)))
 
 
@@ -314,21 +305,10 @@ def guided_noise_prediction(unet, x_t, t, cond, uncond, guidance_scale: float) -
 
 def policy_step(policy: Policy, x_t, j: int, cond, *, x_prev=None, noise=None):
     """pi_theta at DDIM step j: the one code path of sampling and re-scoring (PITFALLS #2)."""
-    s = policy.schedule
-    out = guided_noise_prediction(
-        policy.unet, x_t, s.timesteps[j], cond, policy.uncond, policy.guidance_scale
-    )
-    return ddim_step(
-        out,
-        x_t,
-        s.alpha_bar_t[j],
-        s.alpha_bar_prev[j],
-        s.sigma_t[j],
-        policy.prediction_type,
-        x_prev=x_prev,
-        noise=noise,
-        clip=policy.clip,
-    )
+    s, w = policy.schedule, policy.guidance_scale
+    model_output = guided_noise_prediction(policy.unet, x_t, s.timesteps[j], cond, policy.uncond, w)
+    step = (s.alpha_bar_t[j], s.alpha_bar_prev[j], s.sigma_t[j], policy.prediction_type)
+    return ddim_step(model_output, x_t, *step, x_prev=x_prev, noise=noise, clip=policy.clip)
 
 
 def draw_noise(generator: torch.Generator, n: int, num_steps: int, latent_shape: tuple):
@@ -371,25 +351,16 @@ def score_images(reward_fn, images, prompts: list[str]) -> torch.Tensor:
 
 
 def rollout(
-    models,
-    policy: Policy,
-    prompts: list[str],
-    x_T,
-    step_noise,
-    reward_fn,
-    micro_batch: int,
-    show: bool = False,
-    desc: str = "sampling",
+    models, policy, prompts, x_T, step_noise, reward_fn, micro_batch, show=False, desc="sampling"
 ):
     """Sample, decode and score N images in micro-batches (the batches training re-scores).
     Returns a Rollout of N trajectories and the rewards (N,)."""
     parts, scores = [], []
     for start in tqdm(range(0, len(prompts), micro_batch), desc, leave=False, disable=not show):
-        chunk, rows = (prompts[start : start + micro_batch], slice(start, start + micro_batch))
-        # (n, L, D)
-        cond = encode_prompts(models.tokenizer, models.text_encoder, chunk).float()
-        x_0 = x_T[rows].to(models.device)
-        latents, log_probs = sample_trajectories(policy, cond, x_0, step_noise[rows])
+        rows, chunk = slice(start, start + micro_batch), prompts[start : start + micro_batch]
+        cond = encode_prompts(models.tokenizer, models.text_encoder, chunk).float()  # (n, L, D)
+        x_T_rows = x_T[rows].to(models.device)
+        latents, log_probs = sample_trajectories(policy, cond, x_T_rows, step_noise[rows])
         images = decode_images(models.vae, latents[:, -1])  # (n, 3, H, W)
         scores.append(score_images(reward_fn, images, chunk))
         parts.append(Rollout(latents, log_probs, cond, images))
@@ -513,14 +484,11 @@ def load_models(model: str, device, weight_dtype, lora_rank: int, seed: int) -> 
     from peft import LoraConfig
 
     # fp32 is from_pretrained's default; passing it anyway only triggers a deprecation warning
-    half = {"torch_dtype": weight_dtype} if weight_dtype != torch.float32 else {}
-    try:  # the same loader for a folder and a hub id; a folder never touches the network
+    options = {"torch_dtype": weight_dtype} if weight_dtype != torch.float32 else {}
+    options["local_files_only"] = Path(model).is_dir()  # a folder never touches the network
+    try:  # the same loader for a folder and a hub id
         pipe = StableDiffusionPipeline.from_pretrained(
-            model,
-            safety_checker=None,
-            requires_safety_checker=False,
-            local_files_only=Path(model).is_dir(),
-            **half,
+            model, safety_checker=None, requires_safety_checker=False, **options
         )
     except (OSError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -535,27 +503,16 @@ def load_models(model: str, device, weight_dtype, lora_rank: int, seed: int) -> 
         part.requires_grad_(False).eval().to(device)
     torch.manual_seed(seed)  # the same LoRA init on every rank
     target = ["to_k", "to_q", "to_v", "to_out.0"]
-    pipe.unet.add_adapter(
-        LoraConfig(
-            r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=target
-        )
+    lora = LoraConfig(
+        r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=target
     )
+    pipe.unet.add_adapter(lora)
     for p in lora_parameters(pipe.unet):  # LoRA and its optimizer state in fp32
         p.data = p.data.float()
-    # (1, L, D)
-    uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""]).float()
-    size = pipe.unet.config.sample_size
-    return Models(
-        pipe.unet,
-        pipe.vae,
-        pipe.text_encoder,
-        pipe.tokenizer,
-        scheduler,
-        uncond,
-        device,
-        (pipe.unet.config.in_channels, size, size),
-        size * pipe.vae_scale_factor,
-    )
+    uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""]).float()  # (1, L, D)
+    size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+    parts = (pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, uncond, device)
+    return Models(*parts, (channels, size, size), size * pipe.vae_scale_factor)
 
 
 def make_policy(models: Models, num_steps: int, eta: float, guidance_scale: float) -> Policy:
@@ -598,14 +555,7 @@ def rescore(policy: Policy, batch: Rollout, rows: slice, j: int):
 
 
 def train_on_rollout(
-    policy: Policy,
-    batch: Rollout,
-    advantage,
-    cfg: Config,
-    optimizer,
-    rng: random.Random,
-    sizes: dict,
-    show: bool = False,
+    policy: Policy, batch: Rollout, advantage, cfg: Config, optimizer, rng, sizes: dict, show=False
 ) -> dict:
     """inner_epochs passes of minibatch updates over one rollout; returns mean statistics."""
     params, stats = lora_parameters(policy.unet), {key: [] for key in STAT_KEYS}
@@ -653,14 +603,7 @@ def train_on_rollout(
 # --------------------------------------------------------------------------------------------
 # 5. Evaluation: held-out prompts, fixed noise
 # --------------------------------------------------------------------------------------------
-def evaluate(
-    models: Models,
-    policy: Policy,
-    prompts: list[str],
-    reward_fn,
-    micro_batch: int,
-    show: bool = False,
-):
+def evaluate(models: Models, policy: Policy, prompts, reward_fn, micro_batch: int, show=False):
     """Held-out rewards (E,) and images; the noise depends only on EVAL_SEED, so the numbers
     compare across epochs, runs and algorithms."""
     generator = torch.Generator().manual_seed(EVAL_SEED)
@@ -687,40 +630,29 @@ def atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_grid(images, captions: list[str], path: Path, ncol: int = 8) -> Path:
-    """PNG grid of (N, 3, H, W) images in [0, 1], and a .txt with one caption per image."""
+def save_grid(path: Path, images, prompts: list[str], reward) -> None:
+    """PNG grid of (N, 3, H, W) images in [0, 1], 8 a row, and a .txt of 'prompt | r=reward'."""
     from PIL import Image
 
     n, _, h, w = images.shape
-    rows, cols = math.ceil(n / ncol), min(n, ncol)
-    grid = torch.zeros(3, rows * h, cols * w)  # (3, rows*H, cols*W)
+    grid = torch.zeros(3, math.ceil(n / 8) * h, min(n, 8) * w)  # (3, rows*H, cols*W)
     for i, image in enumerate(images):
-        row, col = divmod(i, ncol)
+        row, col = divmod(i, 8)
         grid[:, row * h : (row + 1) * h, col * w : (col + 1) * w] = image
-    grid = grid.permute(1, 2, 0)  # (3, H', W') -> (H', W', 3)
-    pixels = (grid.numpy() * 255).round().astype(np.uint8)
+    pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H', W', 3)
     atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
-    text = "\n".join(captions) + "\n"
+    text = "".join(f"{p} | r={r:.3f}\n" for p, r in zip(prompts, reward.tolist()))
     atomic_write(path.with_suffix(".txt"), lambda tmp: tmp.write_text(text))
-    return path
 
 
-def save_eval(run: Path, epoch: int, prompts: list[str], reward, images) -> None:
-    captions = [f"{p} | r={r:.3f}" for p, r in zip(prompts, reward.tolist())]
-    save_grid(images, captions, run / "samples" / f"eval_epoch_{epoch:04d}.png")
-
-
-def before_after_grid(run: Path, first: int, last: int) -> Path:
+def before_after_grid(run: Path, first: int, last: int, height: int) -> Path:
     """First row of the first and last held-out grids: top = before, bottom = after training."""
     from PIL import Image
 
-    grids = [run / "samples" / f"eval_epoch_{e:04d}.png" for e in (first, last)]
-    before, after = (Image.open(g) for g in grids)
-    n = len(grids[0].with_suffix(".txt").read_text().splitlines())
-    row_h = before.height // math.ceil(n / 8)
-    out = Image.new("RGB", (before.width, 2 * row_h))
-    out.paste(before.crop((0, 0, before.width, row_h)), (0, 0))
-    out.paste(after.crop((0, 0, after.width, row_h)), (0, row_h))
+    before, after = (Image.open(run / "samples" / f"eval_epoch_{e:04d}.png") for e in (first, last))
+    out = Image.new("RGB", (before.width, 2 * height))
+    out.paste(before.crop((0, 0, before.width, height)), (0, 0))
+    out.paste(after.crop((0, 0, after.width, height)), (0, height))
     path = run / "samples" / "before_after.png"
     atomic_write(path, lambda tmp: out.save(tmp, format="PNG"))
     return path
@@ -733,10 +665,8 @@ def save_lora(unet, folder: Path) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    tmp, name = (
-        folder.with_name(f"{folder.name}.tmp{os.getpid()}"),
-        "pytorch_lora_weights.safetensors",
-    )
+    name = "pytorch_lora_weights.safetensors"
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # written whole, then moved in
     StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
     folder.mkdir(parents=True, exist_ok=True)
     os.replace(tmp / name, folder / name)
@@ -748,19 +678,11 @@ def save_checkpoint(run: Path, unet, optimizer, next_epoch: int) -> None:
     """checkpoint/state.pt: LoRA, optimizer, RNG states and the next epoch (PITFALLS #6)."""
     from peft.utils import get_peft_model_state_dict
 
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    rng = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "cuda": cuda,
-    }
-    state = {
-        "lora": get_peft_model_state_dict(unet),
-        "optimizer": optimizer.state_dict(),
-        "next_epoch": next_epoch,
-        "rng": rng,
-    }
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    rng["numpy"] = np.random.get_state()
+    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    state = {"lora": get_peft_model_state_dict(unet), "optimizer": optimizer.state_dict()}
+    state |= {"next_epoch": next_epoch, "rng": rng}
     (run / "checkpoint").mkdir(exist_ok=True)
     atomic_write(run / "checkpoint" / "state.pt", lambda tmp: torch.save(state, tmp))
 
@@ -785,14 +707,13 @@ def append_metrics(run: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def read_metrics(run: Path, before_epoch: int | None = None) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if before_epoch is None or r["epoch"] < before_epoch]
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def truncate_metrics(run: Path, next_epoch: int) -> None:
     """On resume, drop rows the checkpoint does not cover (a kill between row and checkpoint)."""
-    text = "".join(json.dumps(row) + "\n" for row in read_metrics(run, next_epoch))
+    text = "".join(json.dumps(r) + "\n" for r in read_metrics(run) if r["epoch"] < next_epoch)
     atomic_write(run / "metrics.jsonl", lambda tmp: tmp.write_text(text))
 
 
@@ -869,33 +790,27 @@ def resolve_reward_and_prompts(cfg: Config, model_path: str):
 
 def check_config(cfg: Config, world: int) -> dict:
     """Reject bad input with one clear line; return the derived sizes printed at start-up."""
-    if cfg.algo not in ALGOS:
-        raise UsageError(f"unknown --algo {cfg.algo!r}; choose one of {', '.join(ALGOS)}")
+    choices = {"algo": ALGOS, "normalize_advantage": NORMALIZATIONS, "mixed_precision": PRECISIONS}
+    for name, allowed in choices.items():
+        if (value := getattr(cfg, name)) not in allowed:
+            raise UsageError(f"unknown --{name} {value!r}; choose one of {', '.join(allowed)}")
+    for name in ("k", "epochs", "num_steps", "inner_epochs"):
+        if (value := getattr(cfg, name)) < 1:
+            raise UsageError(f"--{name} {value}: must be at least 1")
     if cfg.algo in ("rloo", "loop") and cfg.k < 2:
         raise UsageError(
             f"--algo {cfg.algo} needs K >= 2 images per prompt for the "
             f"leave-one-out baseline; pass --k 2 or more (got {cfg.k})"
         )
-    if cfg.k < 1:
-        raise UsageError(f"--k {cfg.k}: need at least one image per prompt")
+    if cfg.normalize_advantage == "group-std" and cfg.k < 2:
+        raise UsageError("--normalize_advantage group-std needs --k >= 2; use batch")
     if cfg.eta <= 0:
         raise UsageError(
             f"--eta {cfg.eta}: DDIM must be stochastic (eta > 0) for a policy "
             "log-prob; pass e.g. --eta 1.0"
         )
-    if cfg.normalize_advantage not in NORMALIZATIONS:
-        raise UsageError(
-            f"--normalize_advantage {cfg.normalize_advantage!r}: use one of "
-            f"{', '.join(NORMALIZATIONS)}"
-        )
-    if cfg.normalize_advantage == "group-std" and cfg.k < 2:
-        raise UsageError("--normalize_advantage group-std needs --k >= 2; use batch")
-    if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-        raise UsageError(f"--mixed_precision {cfg.mixed_precision!r}: use auto, no, bf16, fp16")
-    if not 0 < cfg.timestep_fraction <= 1 or min(cfg.epochs, cfg.num_steps, cfg.inner_epochs) < 1:
-        raise UsageError(
-            "need 0 < --timestep_fraction <= 1 and --epochs, --num_steps, --inner_epochs >= 1"
-        )
+    if not 0 < cfg.timestep_fraction <= 1:
+        raise UsageError(f"--timestep_fraction {cfg.timestep_fraction}: need 0 < it <= 1")
     if cfg.images_per_epoch % (world * cfg.k):
         raise UsageError(
             f"--images_per_epoch {cfg.images_per_epoch} must be a multiple of "
@@ -935,22 +850,22 @@ def check_config(cfg: Config, world: int) -> dict:
 
 def setup_distributed(cfg: Config):
     """Rank, world size and device; torchrun sets RANK/WORLD_SIZE (gloo on CPU, nccl on GPU)."""
-    rank, world = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device not in ("auto", "cpu", "cuda") or (use_cuda and not torch.cuda.is_available()):
         raise UsageError(f"--device {cfg.device}: not available here; use cpu, cuda or auto")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return rank, world, device
 
 
 def weight_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype:
-    choice = mixed_precision
-    if choice == "auto":
-        choice = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+    if mixed_precision == "auto":
+        mixed_precision = (
+            "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        )
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -968,28 +883,24 @@ def mean_and_std_over_ranks(reward: torch.Tensor, device) -> tuple[float, float]
     return mean, math.sqrt(max(0.0, second - mean**2))  # std = sqrt(E[r^2] - E[r]^2)
 
 
+def held_out_path(run: Path, epoch: int) -> Path:
+    return run / "samples" / f"eval_epoch_{epoch:04d}.png"
+
+
 def start_run(
-    run: Path,
-    cfg: Config,
-    models: Models,
-    policy: Policy,
-    prompts: list[str],
-    reward_fn,
-    optimizer,
-    sizes: dict,
+    run: Path, cfg: Config, models: Models, policy: Policy, prompts, reward_fn, optimizer, micro
 ) -> float:
     """A fresh run folder: config.json, the untrained model's held-out score, checkpoint 0."""
     (run / "samples").mkdir(parents=True, exist_ok=True)
     (run / "metrics.jsonl").unlink(missing_ok=True)
     config = json.dumps(dataclasses.asdict(cfg), indent=2)
     atomic_write(run / "config.json", lambda tmp: tmp.write_text(config))
-    reward, images = evaluate(models, policy, prompts, reward_fn, sizes["micro_batch"], True)
-    save_eval(run, 0, prompts, reward, images)
+    reward, images = evaluate(models, policy, prompts, reward_fn, micro, show=True)
+    save_grid(held_out_path(run, 0), images, prompts, reward)
     row = {"epoch": 0, "images_seen": 0, "reward_mean": None, "reward_std": None}
     row |= {"eval_reward_mean": reward.mean().item(), **dict.fromkeys(STAT_KEYS), "seconds": 0.0}
     append_metrics(run, row)
-    # from here on, --resume always works
-    save_checkpoint(run, models.unet, optimizer, 0)
+    save_checkpoint(run, models.unet, optimizer, 0)  # from here on, --resume always works
     return row["eval_reward_mean"]
 
 
@@ -1034,20 +945,20 @@ def main(cfg: Config) -> Path:
         dist.broadcast(p.data, src=0)
 
     # The run folder: continue from its checkpoint, or start it with the untrained score.
-    start_epoch = 0
+    start_epoch, micro = 0, sizes["micro_batch"]
     if cfg.resume:
         start_epoch = load_checkpoint(run, models.unet, optimizer)
         if show:
             truncate_metrics(run, start_epoch + 1)
             print(f"resumed {run} at epoch {start_epoch}")
     elif show:
-        score = start_run(run, cfg, models, policy, eval_prompts, reward_fn, optimizer, sizes)
+        score = start_run(run, cfg, models, policy, eval_prompts, reward_fn, optimizer, micro)
         print(f"held-out {reward_name} before training: {score:.4f}")
     if world > 1:
         dist.barrier()
 
     # Optimise: each epoch = one rollout of B*K images per rank, then the algorithm's updates.
-    n_images = sizes["images_per_rank"]
+    n_images, normalization = sizes["images_per_rank"], sizes["normalization"]
     for epoch in tqdm(range(start_epoch, cfg.epochs), f"{cfg.algo} epochs", disable=not show):
         tic = time.time()
         rng = random.Random(epoch_seed(cfg.seed, rank, epoch))
@@ -1055,11 +966,8 @@ def main(cfg: Config) -> Path:
         prompts = [p for p in chosen for _ in range(cfg.k)]  # B*K, each group of K together
         generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, rank, epoch))
         x_T, step_noise = draw_noise(generator, n_images, cfg.num_steps, models.latent_shape)
-        batch, reward = rollout(
-            models, policy, prompts, x_T, step_noise, reward_fn, sizes["micro_batch"], show
-        )
+        batch, reward = rollout(models, policy, prompts, x_T, step_noise, reward_fn, micro, show)
         reward_groups = reward.view(-1, cfg.k)  # (B*K,) -> (B, K)
-        normalization = sizes["normalization"]
         # (B, K) -> (B*K,)
         advantage = compute_advantages(cfg.algo, reward_groups, normalization, cfg.adv_clip)
         stats = train_on_rollout(
@@ -1068,27 +976,16 @@ def main(cfg: Config) -> Path:
 
         # Log, evaluate, save: rank 0 writes, the checkpoint last.
         reward_mean, reward_std = mean_and_std_over_ranks(reward, device)
-        row = {
-            "epoch": epoch + 1,
-            "images_seen": (epoch + 1) * cfg.images_per_epoch,
-            "reward_mean": reward_mean,
-            "reward_std": reward_std,
-            "eval_reward_mean": None,
-            **stats,
-        }
+        row = {"epoch": epoch + 1, "images_seen": (epoch + 1) * cfg.images_per_epoch}
+        row |= {"reward_mean": reward_mean, "reward_std": reward_std, "eval_reward_mean": None}
+        row |= stats
         if show:
-            captions = [f"{p} | r={r:.3f}" for p, r in zip(prompts, reward.tolist())]
-            save_grid(
-                batch.images[:16],
-                captions[:16],
-                run / "samples" / f"train_epoch_{epoch + 1:04d}.png",
-            )
+            train_grid = run / "samples" / f"train_epoch_{epoch + 1:04d}.png"
+            save_grid(train_grid, batch.images[:16], prompts[:16], reward[:16])
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                eval_reward, images = evaluate(
-                    models, policy, eval_prompts, reward_fn, sizes["micro_batch"], show
-                )
+                eval_reward, images = evaluate(models, policy, eval_prompts, reward_fn, micro, show)
+                save_grid(held_out_path(run, epoch + 1), images, eval_prompts, eval_reward)
                 row["eval_reward_mean"] = eval_reward.mean().item()
-                save_eval(run, epoch + 1, eval_prompts, eval_reward, images)
             append_metrics(run, row | {"seconds": time.time() - tic})
             save_lora(models.unet, run / "lora")
             save_checkpoint(run, models.unet, optimizer, epoch + 1)
@@ -1106,7 +1003,8 @@ def main(cfg: Config) -> Path:
             f"held-out {reward_name}: before {first['eval_reward_mean']:.4f} -> after "
             f"{last['eval_reward_mean']:.4f} (epoch {last['epoch']})"
         )
-        print(f"before/after grid: {before_after_grid(run, first['epoch'], last['epoch'])}")
+        grid = before_after_grid(run, first["epoch"], last["epoch"], models.resolution)
+        print(f"before/after grid: {grid}")
         print(f"LoRA: {run / 'lora' / 'pytorch_lora_weights.safetensors'}")
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -1119,8 +1017,7 @@ def main(cfg: Config) -> Path:
 def config_from_flags(flags: dict) -> Config:
     """A Config from --flags, type-checked; with --resume, start from the run's config.json."""
     hints = typing.get_type_hints(Config)
-    unknown = sorted(set(flags) - set(hints))
-    if unknown:
+    if unknown := sorted(set(flags) - set(hints)):
         names = ", ".join("--" + name for name in unknown)
         raise UsageError(f"unknown flag(s) {names}; see python loop.py --help")
     values = {}
@@ -1142,14 +1039,13 @@ def config_from_flags(flags: dict) -> Config:
 
 def cli(**flags) -> None:
     if flags.pop("help", False) or flags.pop("h", False):
-        defaults, docs = Config(), flag_docs()
-        print(
-            "python loop.py [--flag value ...]\n"
-            + "\n".join(
-                f"  --{name} (default {getattr(defaults, name)!r}): {doc}"
-                for name, doc in docs.items()
-            )
-        )
+        # each Config field's docstring is the string statement under it
+        body = ast.parse(inspect.getsource(Config)).body[0].body
+        print("python loop.py [--flag value ...]")
+        for field, doc in itertools.pairwise(body):
+            if isinstance(field, ast.AnnAssign):
+                name = field.target.id
+                print(f"  --{name} (default {getattr(Config, name)!r}): {doc.value.value}")
         return
     try:
         main(config_from_flags(flags))
@@ -1157,10 +1053,8 @@ def cli(**flags) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(
-            "interrupted: the last checkpoint is intact; continue with --resume RUN",
-            file=sys.stderr,
-        )
+        message = "interrupted: the last checkpoint is intact; continue with --resume RUN"
+        print(message, file=sys.stderr)
         sys.exit(130)
 
 
