@@ -85,8 +85,7 @@ ALGOS = ("reinforce", "rloo", "ppo", "loop")
 NORMALIZATIONS = ("auto", "off", "batch", "group-std")
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # --mixed_precision: dtype of the frozen weights
 SHAPES_MARKER = "shapes_world.json"  # a model folder with this file draws the shapes world
-# T2I-CompBench's categories
-CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
+CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")  # T2I-CompBench
 MIN_SIGMA = 1e-4  # steps with sigma_t below this are (almost) deterministic: Deviation 2
 EVAL_SEED = 1234  # held-out noise: the same for every epoch, run and algorithm
 STAT_KEYS = ("approx_kl", "clipfrac", "ratio_mean", "grad_norm", "kl")
@@ -96,9 +95,7 @@ class UsageError(Exception):
     """Bad input: printed as one line naming the problem and the fix; exit code 2."""
 
 
-# --------------------------------------------------------------------------------------------
-# Config: every knob in one place (the defaults fit the tiny CPU model; tune them here)
-# --------------------------------------------------------------------------------------------
+# === Config: every knob in one place (the defaults fit the tiny CPU model; tune them here)
 @dataclass
 class Config:
     algo: str = "loop"
@@ -163,9 +160,7 @@ class Config:
     """cpu | cuda | auto"""
 
 
-# --------------------------------------------------------------------------------------------
-# 1. The denoising MDP: a DDIM step with eta > 0 is a Gaussian policy pi_theta(x_{t-1} | x_t, c)
-# --------------------------------------------------------------------------------------------
+# === 1. The denoising MDP: a DDIM step with eta > 0 is a Gaussian policy pi_theta(x_{t-1} | x_t, c)
 @dataclass
 class Schedule:
     """The T DDIM steps in sampling order; every field has shape (T,)."""
@@ -253,9 +248,7 @@ def ddim_step(
     return x_prev, gaussian_log_prob(x_prev, mean, sigma_t) if trainable else None, mean
 
 
-# --------------------------------------------------------------------------------------------
-# 2. K-sample rollouts: B prompts x K images, CFG batched, trajectories stored in fp32
-# --------------------------------------------------------------------------------------------
+# === 2. K-sample rollouts: B prompts x K images, CFG batched, trajectories stored in fp32
 @dataclass
 class Policy:
     """pi_theta: the UNet (with LoRA) and everything one DDIM step needs besides x_t and c."""
@@ -273,8 +266,7 @@ class Rollout:
     """A batch of trajectories (fp32, on the training device)."""
 
     latents: torch.Tensor  # (N, T+1, C, h, w): x_T .. x_0
-    # (N, T): log pi_old(x_{t-1} | x_t, c); 0 at steps that are not trained
-    log_probs: torch.Tensor
+    log_probs: torch.Tensor  # (N, T): log pi_old(x_{t-1} | x_t, c); 0 at untrained steps
     cond: torch.Tensor  # (N, L, D): prompt embeddings c
     images: torch.Tensor  # (N, 3, H, W) in [0, 1]
 
@@ -282,12 +274,9 @@ class Rollout:
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """CLIP embeddings as StableDiffusionPipeline.encode_prompt: N prompts -> (N, L, D)."""
+    length = tokenizer.model_max_length
     ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
+        prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
     ).input_ids
     return text_encoder(ids.to(text_encoder.device))[0]
 
@@ -353,8 +342,7 @@ def score_images(reward_fn, images, prompts: list[str]) -> torch.Tensor:
 def rollout(
     models, policy, prompts, x_T, step_noise, reward_fn, micro_batch, show=False, desc="sampling"
 ):
-    """Sample, decode and score N images in micro-batches (the batches training re-scores).
-    Returns a Rollout of N trajectories and the rewards (N,)."""
+    """N trajectories (a Rollout) and rewards (N,), in the micro-batches training re-scores."""
     parts, scores = [], []
     for start in tqdm(range(0, len(prompts), micro_batch), desc, leave=False, disable=not show):
         rows, chunk = slice(start, start + micro_batch), prompts[start : start + micro_batch]
@@ -363,15 +351,11 @@ def rollout(
         latents, log_probs = sample_trajectories(policy, cond, x_T_rows, step_noise[rows])
         images = decode_images(models.vae, latents[:, -1])  # (n, 3, H, W)
         scores.append(score_images(reward_fn, images, chunk))
-        parts.append(Rollout(latents, log_probs, cond, images))
-    fields = [f.name for f in dataclasses.fields(Rollout)]
-    batch = Rollout(*(torch.cat([getattr(p, name) for p in parts]) for name in fields))
-    return batch, torch.cat(scores)
+        parts.append((latents, log_probs, cond, images))
+    return Rollout(*(torch.cat(field) for field in zip(*parts))), torch.cat(scores)
 
 
-# --------------------------------------------------------------------------------------------
-# 3. The four estimators: advantages, importance ratio, objectives
-# --------------------------------------------------------------------------------------------
+# === 3. The four estimators: advantages, importance ratio, objectives
 def leave_one_out_baseline(reward: torch.Tensor) -> torch.Tensor:
     """b_i = 1/(K-1) sum_{j != i} r_j, per prompt: reward (B, K) -> baseline (B, K)"""
     k = reward.shape[1]
@@ -386,8 +370,7 @@ def leave_one_out_advantage(reward: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(advantage: torch.Tensor, how: str) -> torch.Tensor:
-    """(A - mean) / std over the batch, or over each prompt's K samples (group-std); 0 where
-    std == 0. (B, K) -> (B, K)"""
+    """(A - mean) / std over the batch or each prompt's K (group-std); 0 where std == 0: (B, K)"""
     if how == "off":
         return advantage
     if how == "batch":  # DDPO without per-prompt tracking
@@ -460,9 +443,7 @@ def gaussian_kl(mean, ref_mean, sigma_t) -> torch.Tensor:
     return kl.mean(dim=tuple(range(1, mean.ndim)))
 
 
-# --------------------------------------------------------------------------------------------
-# 4. Training: LoRA on the UNet, AdamW, gradient accumulation in samples, all-reduced gradients
-# --------------------------------------------------------------------------------------------
+# === 4. Training: LoRA on the UNet, AdamW, gradient accumulation in samples, all-reduced gradients
 @dataclass
 class Models:
     """The loaded pipeline parts (a record, not a trainer)."""
@@ -516,8 +497,9 @@ def load_models(model: str, device, weight_dtype, lora_rank: int, seed: int) -> 
 
 
 def make_policy(models: Models, num_steps: int, eta: float, guidance_scale: float) -> Policy:
-    config = models.scheduler.config
+    """pi_theta: T = num_steps DDIM steps with stochasticity eta and guidance scale w."""
     schedule = ddim_schedule(models.scheduler, num_steps, eta)
+    config = models.scheduler.config
     clip = config.clip_sample_range if config.clip_sample else None
     return Policy(
         models.unet, models.uncond, schedule, guidance_scale, config.prediction_type, clip
@@ -548,8 +530,7 @@ def sync_gradients(params: list[torch.nn.Parameter]) -> None:
 
 def rescore(policy: Policy, batch: Rollout, rows: slice, j: int):
     """log pi_theta of the stored x_{t-1} at step j for samples `rows`: (n,), and the mean."""
-    x_t = batch.latents[rows, j]  # (n, C, h, w)
-    x_prev = batch.latents[rows, j + 1]  # (n, C, h, w)
+    x_t, x_prev = batch.latents[rows, j], batch.latents[rows, j + 1]  # (n, C, h, w) each
     _, log_prob, mean = policy_step(policy, x_t, j, batch.cond[rows], x_prev=x_prev)
     return log_prob, mean
 
@@ -562,50 +543,45 @@ def train_on_rollout(
     trainable = torch.nonzero(policy.schedule.trainable).flatten().tolist()
     n_steps = max(1, round(cfg.timestep_fraction * len(trainable)))
     n, mb, micro = len(advantage), sizes["minibatch_per_rank"], sizes["micro_batch"]
-    bar = tqdm(total=cfg.inner_epochs * n // mb, desc="training", leave=False, disable=not show)
-    for _ in range(cfg.inner_epochs):
-        for mb_start in range(0, n, mb):
-            optimizer.zero_grad()
-            for start in range(mb_start, mb_start + mb, micro):
-                rows = slice(start, start + micro)
-                for j in sorted(rng.sample(trainable, n_steps)):  # per micro-batch: Deviation 3
-                    log_prob, mean = rescore(policy, batch, rows, j)
-                    old_log_prob, adv = batch.log_probs[rows, j], advantage[rows]
-                    loss = policy_loss(cfg.algo, log_prob, old_log_prob, adv, cfg.clip_range)
-                    if cfg.kl_coef > 0:
-                        with torch.no_grad(), base_model(policy.unet):
-                            ref_mean = rescore(policy, batch, rows, j)[1]
-                        kl = gaussian_kl(mean, ref_mean, policy.schedule.sigma_t[j]).mean()
-                        loss = loss + cfg.kl_coef * kl  # loss = -J + beta KL
-                        stats["kl"].append(kl.item())
-                    # the minibatch loss is a mean over its samples and steps
-                    (loss * micro / mb / n_steps).backward()
-                    with torch.no_grad():
-                        ratio = importance_ratio(log_prob, old_log_prob)
-                        clipped = (ratio - 1).abs() > cfg.clip_range
-                        stats["approx_kl"].append(0.5 * (ratio.log() ** 2).mean().item())
-                        stats["clipfrac"].append(clipped.float().mean().item())
-                        stats["ratio_mean"].append(ratio.mean().item())
-            sync_gradients(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise UsageError(
-                    "non-finite LoRA gradient: lower --lr or check the reward (the "
-                    "last checkpoint is intact; continue with --resume)"
-                )
-            optimizer.step()
-            stats["grad_norm"].append(grad_norm.item())
-            bar.update()
-    bar.close()
+    # one optimizer step per minibatch of mb samples (micro at a time), inner_epochs passes
+    minibatches = [range(first, first + mb, micro) for first in range(0, n, mb)] * cfg.inner_epochs
+    for micro_starts in tqdm(minibatches, "training", leave=False, disable=not show):
+        optimizer.zero_grad()
+        for start in micro_starts:
+            rows = slice(start, start + micro)
+            for j in sorted(rng.sample(trainable, n_steps)):  # per micro-batch: Deviation 3
+                log_prob, mean = rescore(policy, batch, rows, j)
+                old_log_prob, adv = batch.log_probs[rows, j], advantage[rows]
+                loss = policy_loss(cfg.algo, log_prob, old_log_prob, adv, cfg.clip_range)
+                if cfg.kl_coef > 0:
+                    with torch.no_grad(), base_model(policy.unet):
+                        ref_mean = rescore(policy, batch, rows, j)[1]
+                    kl = gaussian_kl(mean, ref_mean, policy.schedule.sigma_t[j]).mean()
+                    loss = loss + cfg.kl_coef * kl  # loss = -J + beta KL
+                    stats["kl"].append(kl.item())
+                # the minibatch loss is a mean over its samples and steps
+                (loss * micro / mb / n_steps).backward()
+                with torch.no_grad():
+                    ratio = importance_ratio(log_prob, old_log_prob)
+                    clipped = (ratio - 1).abs() > cfg.clip_range
+                    stats["approx_kl"].append(0.5 * (ratio.log() ** 2).mean().item())
+                    stats["clipfrac"].append(clipped.float().mean().item())
+                    stats["ratio_mean"].append(ratio.mean().item())
+        sync_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise UsageError(
+                "non-finite LoRA gradient: lower --lr or check the reward (the "
+                "last checkpoint is intact; continue with --resume)"
+            )
+        optimizer.step()
+        stats["grad_norm"].append(grad_norm.item())
     return {key: float(np.mean(v)) if v else None for key, v in stats.items()}
 
 
-# --------------------------------------------------------------------------------------------
-# 5. Evaluation: held-out prompts, fixed noise
-# --------------------------------------------------------------------------------------------
+# === 5. Evaluation: held-out prompts, fixed noise
 def evaluate(models: Models, policy: Policy, prompts, reward_fn, micro_batch: int, show=False):
-    """Held-out rewards (E,) and images; the noise depends only on EVAL_SEED, so the numbers
-    compare across epochs, runs and algorithms."""
+    """Held-out rewards (E,) and images; noise from EVAL_SEED: comparable across runs and epochs."""
     generator = torch.Generator().manual_seed(EVAL_SEED)
     T = len(policy.schedule.timesteps)
     x_T, step_noise = draw_noise(generator, len(prompts), T, models.latent_shape)
@@ -615,9 +591,7 @@ def evaluate(models: Models, policy: Policy, prompts, reward_fn, micro_batch: in
     return reward, batch.images
 
 
-# --------------------------------------------------------------------------------------------
-# The run folder: config.json, metrics.jsonl, samples/, lora/, checkpoint/ (atomic writes)
-# --------------------------------------------------------------------------------------------
+# === The run folder: config.json, metrics.jsonl, samples/, lora/, checkpoint/ (atomic writes)
 def atomic_write(path: Path, write) -> None:
     """Write a temporary file, then rename it: a kill mid-write never leaves a broken file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -628,6 +602,10 @@ def atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def held_out_path(run: Path, epoch: int) -> Path:
+    return run / "samples" / f"eval_epoch_{epoch:04d}.png"
 
 
 def save_grid(path: Path, images, prompts: list[str], reward) -> None:
@@ -649,7 +627,7 @@ def before_after_grid(run: Path, first: int, last: int, height: int) -> Path:
     """First row of the first and last held-out grids: top = before, bottom = after training."""
     from PIL import Image
 
-    before, after = (Image.open(run / "samples" / f"eval_epoch_{e:04d}.png") for e in (first, last))
+    before, after = (Image.open(held_out_path(run, epoch)) for epoch in (first, last))
     out = Image.new("RGB", (before.width, 2 * height))
     out.paste(before.crop((0, 0, before.width, height)), (0, 0))
     out.paste(after.crop((0, 0, after.width, height)), (0, height))
@@ -665,13 +643,11 @@ def save_lora(unet, folder: Path) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    name = "pytorch_lora_weights.safetensors"
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # written whole, then moved in
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
+    save = StableDiffusionPipeline.save_lora_weights
+    path = folder / "pytorch_lora_weights.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp / name, folder / name)
-    tmp.rmdir()
-    return folder / name
+    atomic_write(path, lambda tmp: save(tmp.parent, unet_lora_layers=state, weight_name=tmp.name))
+    return path
 
 
 def save_checkpoint(run: Path, unet, optimizer, next_epoch: int) -> None:
@@ -717,18 +693,14 @@ def truncate_metrics(run: Path, next_epoch: int) -> None:
     atomic_write(run / "metrics.jsonl", lambda tmp: tmp.write_text(text))
 
 
-# --------------------------------------------------------------------------------------------
-# Input checks, prompt files and derived sizes: everything that can fail runs before any write
-# --------------------------------------------------------------------------------------------
+# === Input checks, prompt files and derived sizes: everything that can fail runs before any write
 def resolve_model_path(model: str) -> str:
     """A local folder (as given, or next to loop.py) or a hub id 'org/name'."""
-    for candidate in (Path(model).expanduser(), HERE / model):
-        if candidate.is_dir():
-            if not (candidate / "model_index.json").is_file():
-                raise UsageError(
-                    f"--model {model}: no model_index.json in {candidate}; pass a diffusers folder"
-                )
-            return str(candidate)
+    folder = next((f for f in (Path(model).expanduser(), HERE / model) if f.is_dir()), None)
+    if folder and not (folder / "model_index.json").is_file():
+        raise UsageError(f"--model: {folder} has no model_index.json; pass a diffusers folder")
+    if folder:
+        return str(folder)
     if model == Config.model:
         raise UsageError(
             f"the embedded model {HERE / model} is missing; build it with "
@@ -746,10 +718,7 @@ def resolve_model_path(model: str) -> str:
 
 def read_prompts(path: Path, what: str) -> list[str]:
     if not path.is_file():
-        raise UsageError(
-            f"{what} prompt file {path} not found; pass --train_prompts, "
-            "--eval_prompts or --prompt_dir"
-        )
+        raise UsageError(f"{what} prompt file {path} not found; fix --*_prompts or --prompt_dir")
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise UsageError(f"{what} prompt file {path} is empty; write one prompt per line")
@@ -758,15 +727,13 @@ def read_prompts(path: Path, what: str) -> list[str]:
 
 def resolve_reward_and_prompts(cfg: Config, model_path: str):
     """The reward's name (shapes world: color -> shapes_color), training and held-out prompts."""
-    shapes_world = Path(model_path, SHAPES_MARKER).is_file()
+    shapes_world, names = Path(model_path, SHAPES_MARKER).is_file(), rewards.REWARD_NAMES
     reward = cfg.reward
-    if shapes_world and f"shapes_{reward}" in rewards.REWARD_NAMES:
+    if shapes_world and f"shapes_{reward}" in names:
         reward = f"shapes_{reward}"
         print(f"shapes-world model: --reward {cfg.reward} resolves to {reward}")
-    if reward not in rewards.REWARD_NAMES:
-        raise UsageError(
-            f"unknown --reward {cfg.reward!r}; choose one of {', '.join(rewards.REWARD_NAMES)}"
-        )
+    if reward not in names:
+        raise UsageError(f"unknown --reward {cfg.reward!r}; choose one of {', '.join(names)}")
     category = reward.removeprefix("shapes_")
     if cfg.train_prompts:
         train = Path(cfg.train_prompts)
@@ -775,9 +742,7 @@ def resolve_reward_and_prompts(cfg: Config, model_path: str):
     elif shapes_world and category in CATEGORIES:
         train = HERE / "prompts" / "shapes" / f"{category}_train.txt"
     else:
-        raise UsageError(
-            f"no prompts for --reward {reward}; pass --train_prompts FILE or --prompt_dir DIR"
-        )
+        raise UsageError(f"no prompts for --reward {reward}; pass --train_prompts or --prompt_dir")
     train_prompts = read_prompts(train, "training")
     held_out = train.with_name(train.name.replace("_train.txt", "_val.txt"))
     if cfg.eval_prompts:
@@ -798,32 +763,20 @@ def check_config(cfg: Config, world: int) -> dict:
         if (value := getattr(cfg, name)) < 1:
             raise UsageError(f"--{name} {value}: must be at least 1")
     if cfg.algo in ("rloo", "loop") and cfg.k < 2:
-        raise UsageError(
-            f"--algo {cfg.algo} needs K >= 2 images per prompt for the "
-            f"leave-one-out baseline; pass --k 2 or more (got {cfg.k})"
-        )
+        raise UsageError(f"--algo {cfg.algo}: the leave-one-out baseline needs K >= 2; pass --k 2")
     if cfg.normalize_advantage == "group-std" and cfg.k < 2:
         raise UsageError("--normalize_advantage group-std needs --k >= 2; use batch")
     if cfg.eta <= 0:
-        raise UsageError(
-            f"--eta {cfg.eta}: DDIM must be stochastic (eta > 0) for a policy "
-            "log-prob; pass e.g. --eta 1.0"
-        )
+        raise UsageError(f"--eta {cfg.eta}: a policy log-prob needs eta > 0; pass e.g. --eta 1.0")
     if not 0 < cfg.timestep_fraction <= 1:
         raise UsageError(f"--timestep_fraction {cfg.timestep_fraction}: need 0 < it <= 1")
     if cfg.images_per_epoch % (world * cfg.k):
-        raise UsageError(
-            f"--images_per_epoch {cfg.images_per_epoch} must be a multiple of "
-            f"K x ranks = {cfg.k * world} (whole groups of K per rank)"
-        )
+        raise UsageError(f"--images_per_epoch: need a multiple of K x ranks = {cfg.k * world}")
     on_policy = cfg.algo in ("reinforce", "rloo")
     default = cfg.images_per_epoch if on_policy else max(world, cfg.images_per_epoch // 4)
     minibatch = cfg.minibatch or default
     if on_policy and (minibatch != cfg.images_per_epoch or cfg.inner_epochs != 1):
-        raise UsageError(
-            f"--algo {cfg.algo} is on-policy (one update per rollout): leave "
-            "--minibatch and --inner_epochs unset, or use ppo/loop"
-        )
+        raise UsageError(f"--algo {cfg.algo} is on-policy: leave --minibatch, --inner_epochs unset")
     per_rank = minibatch // world
     micro = min(cfg.micro_batch, per_rank)
     if minibatch % world or cfg.images_per_epoch % minibatch or per_rank % micro:
@@ -861,36 +814,23 @@ def setup_distributed(cfg: Config):
 
 
 def weight_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype:
-    if mixed_precision == "auto":
-        mixed_precision = (
-            "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-        )
-    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
-
-
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """One seed per (seed, rank, epoch): noise and prompts never depend on earlier RNG use."""
-    return (seed * 1_000_003 + rank * 10_007 + epoch) % 2**62
+    """--mixed_precision as a dtype; auto: bf16 on a GPU that has it, else fp32."""
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    choice = ("bf16" if bf16_gpu else "no") if mixed_precision == "auto" else mixed_precision
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
 def mean_and_std_over_ranks(reward: torch.Tensor, device) -> tuple[float, float]:
-    moments = torch.tensor([reward.mean(), (reward**2).mean()], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        moments = moments.to(device)
+    moments = torch.tensor([reward.mean(), (reward**2).mean()], dtype=torch.float64, device=device)
+    if dist.is_initialized():  # every rank holds as many rewards: the mean of the ranks' moments
         dist.all_reduce(moments)
-        moments = moments.cpu() / dist.get_world_size()
+        moments /= dist.get_world_size()
     mean, second = moments.tolist()
     return mean, math.sqrt(max(0.0, second - mean**2))  # std = sqrt(E[r^2] - E[r]^2)
 
 
-def held_out_path(run: Path, epoch: int) -> Path:
-    return run / "samples" / f"eval_epoch_{epoch:04d}.png"
-
-
-def start_run(
-    run: Path, cfg: Config, models: Models, policy: Policy, prompts, reward_fn, optimizer, micro
-) -> float:
-    """A fresh run folder: config.json, the untrained model's held-out score, checkpoint 0."""
+def start_run(run: Path, cfg: Config, models, policy, prompts, reward_fn, optimizer, micro):
+    """New run folder: config.json, the untrained model's held-out score (returned), checkpoint 0."""
     (run / "samples").mkdir(parents=True, exist_ok=True)
     (run / "metrics.jsonl").unlink(missing_ok=True)
     config = json.dumps(dataclasses.asdict(cfg), indent=2)
@@ -904,9 +844,7 @@ def start_run(
     return row["eval_reward_mean"]
 
 
-# --------------------------------------------------------------------------------------------
-# main: seed, device, load, optimise in a loop, log, save
-# --------------------------------------------------------------------------------------------
+# === main: seed, device, load, optimise in a loop, log, save
 def main(cfg: Config) -> Path:
     rank, world, device = setup_distributed(cfg)
     # CPU: denormal floats (e.g. from near-zero advantages) run ~100x slower; flush them to 0
@@ -917,9 +855,7 @@ def main(cfg: Config) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = Path(cfg.resume or cfg.out or f"runs/{cfg.algo}-{cfg.reward}-k{cfg.k}-{stamp}")
     if not cfg.resume and (run / "checkpoint").exists():
-        raise UsageError(
-            f"--out {run} holds a run; continue it with --resume {run} or pick another --out"
-        )
+        raise UsageError(f"--out {run} holds a run; pass --resume {run} or another --out")
     show = rank == 0  # rank 0 prints and writes
     if show:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -961,18 +897,16 @@ def main(cfg: Config) -> Path:
     n_images, normalization = sizes["images_per_rank"], sizes["normalization"]
     for epoch in tqdm(range(start_epoch, cfg.epochs), f"{cfg.algo} epochs", disable=not show):
         tic = time.time()
-        rng = random.Random(epoch_seed(cfg.seed, rank, epoch))
+        # one seed per (seed, rank, epoch): noise and prompts never depend on earlier RNG use
+        seed = (cfg.seed * 1_000_003 + rank * 10_007 + epoch) % 2**62
+        rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
         chosen = rng.choices(train_prompts, k=n_images // cfg.k)  # B prompts
         prompts = [p for p in chosen for _ in range(cfg.k)]  # B*K, each group of K together
-        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, rank, epoch))
         x_T, step_noise = draw_noise(generator, n_images, cfg.num_steps, models.latent_shape)
         batch, reward = rollout(models, policy, prompts, x_T, step_noise, reward_fn, micro, show)
-        reward_groups = reward.view(-1, cfg.k)  # (B*K,) -> (B, K)
-        # (B, K) -> (B*K,)
-        advantage = compute_advantages(cfg.algo, reward_groups, normalization, cfg.adv_clip)
-        stats = train_on_rollout(
-            policy, batch, advantage.to(device), cfg, optimizer, rng, sizes, show
-        )
+        groups = reward.view(-1, cfg.k)  # (B*K,) -> (B, K)
+        advantage = compute_advantages(cfg.algo, groups, normalization, cfg.adv_clip).to(device)
+        stats = train_on_rollout(policy, batch, advantage, cfg, optimizer, rng, sizes, show)
 
         # Log, evaluate, save: rank 0 writes, the checkpoint last.
         reward_mean, reward_std = mean_and_std_over_ranks(reward, device)
@@ -1011,9 +945,7 @@ def main(cfg: Config) -> Path:
     return run
 
 
-# --------------------------------------------------------------------------------------------
-# Command line (fire): every Config field is a --flag
-# --------------------------------------------------------------------------------------------
+# === Command line (fire): every Config field is a --flag
 def config_from_flags(flags: dict) -> Config:
     """A Config from --flags, type-checked; with --resume, start from the run's config.json."""
     hints = typing.get_type_hints(Config)
