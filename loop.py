@@ -972,12 +972,10 @@ def config_from_flags(flags: dict) -> Config:
 def cli(**flags) -> None:
     if flags.pop("help", False) or flags.pop("h", False):
         # each Config field's docstring is the string statement under it
-        body = ast.parse(inspect.getsource(Config)).body[0].body
-        print("python loop.py [--flag value ...]")
-        for field, doc in itertools.pairwise(body):
-            if isinstance(field, ast.AnnAssign):
-                name = field.target.id
-                print(f"  --{name} (default {getattr(Config, name)!r}): {doc.value.value}")
+        pairs = itertools.pairwise(ast.parse(inspect.getsource(Config)).body[0].body)
+        docs = {a.target.id: b.value.value for a, b in pairs if isinstance(a, ast.AnnAssign)}
+        lines = [f"  --{name} (default {getattr(Config, name)!r}): {docs[name]}" for name in docs]
+        print("python loop.py [--flag value ...]\n" + "\n".join(lines))
         return
     try:
         main(config_from_flags(flags))
