@@ -19,7 +19,7 @@ Stages (all from a fixed seed, on procedurally rendered (prompt, image) pairs of
    learned is unchanged): the short first stage blurs stripes and dots away;
 4. every `eval_every` steps a snapshot of the EMA pipeline is saved and scored with the exact judges on
    held-out two-object color prompts and on single-object prompts (the calibration numbers); the snapshot
-   to ship is picked from `calibration.jsonl` so that binding stays genuinely hard (color score 0.35..0.65)
+   to ship is picked from the "calibration" rows of `train_log.jsonl` so that binding stays genuinely hard (color score 0.35..0.65)
    while single objects are drawn right at least 85% of the time.
 """
 
