@@ -369,17 +369,16 @@ def train_diffusion(
     max_minutes,
     log,
     n,
+    first_step=1,
 ):
-    noise_scheduler = DDPMScheduler.from_config(
-        scheduler_config()
-    )  # same betas as the DDIM sampler
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config())  # the DDIM sampler's betas
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     vae.eval().requires_grad_(False)
     means, stds, all_prompts = encode_dataset(vae, rng, n)
     start = time.time()
-    bar = tqdm(range(1, steps + 1), desc="unet+text")
+    bar = tqdm(range(first_step, steps + 1), desc="unet+text")
     for step in bar:
         index = torch.randint(0, len(all_prompts), (batch,))
         prompts = [
@@ -399,8 +398,11 @@ def train_diffusion(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema_update(ema_unet, unet, 0.999 if step > 1000 else 0.99)
-        ema_update(ema_text, text_encoder, 0.999 if step > 1000 else 0.99)
+        decay = (
+            0.999 if step > first_step + 1000 else 0.99
+        )  # short memory while the weights move fast
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_text, text_encoder, decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 50 == 0:
             log(
@@ -442,6 +444,7 @@ def main(
     max_minutes: float = 55.0,
     scenes: int = 32768,
     threads: int = 1,
+    continue_from: str | None = None,
     finetune_decoder: str | None = None,
     decoder_steps: int = 700,
     ship: str | None = None,
@@ -450,6 +453,7 @@ def main(
     """Train the tiny pipeline (see the module docstring).
 
     --finetune_decoder SNAPSHOT: stage 2b only, on SNAPSHOT's VAE; saves it to OUT/decoder.
+    --continue_from SNAPSHOT: stage 3 again from SNAPSHOT's weights (a fresh optimizer), numbering steps on.
     --ship SNAPSHOT: copy OUT/SNAPSHOT to `ship_to`, with OUT/decoder as its VAE when it exists.
     """
     torch.manual_seed(seed)
@@ -480,6 +484,27 @@ def main(
         log({"stage": "decoder_done", "minutes": (time.time() - t0) / 60, **recon})
         vae.save_pretrained(os.path.join(out, "decoder"), safe_serialization=True)
         print(f"decoder fine-tuned in {(time.time() - t0) / 60:.1f} min: {recon}")
+        return
+    if continue_from is not None:
+        pipe = StableDiffusionPipeline.from_pretrained(continue_from)
+        first = int(os.path.basename(os.path.normpath(continue_from)).split("_")[-1]) + 1
+        log({"stage": "continue", "from": continue_from, "threads": threads})
+        train_diffusion(
+            pipe.vae,
+            pipe.unet.train(),
+            pipe.text_encoder.train(),
+            pipe.tokenizer,
+            rng,
+            out,
+            steps,
+            batch,
+            lr,
+            eval_every,
+            max_minutes,
+            log,
+            scenes,
+            first_step=first,
+        )
         return
     t0 = time.time()
     tokenizer = build_tokenizer(os.path.join(out, "tokenizer_src"))
