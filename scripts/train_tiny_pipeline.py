@@ -473,6 +473,12 @@ def main(
             shutil.rmtree(os.path.join(ship_to, "vae"))
             shutil.copytree(os.path.join(out, "decoder"), os.path.join(ship_to, "vae"))
         scores = calibrate(ship_to)
+        marker = os.path.join(ship_to, "shapes_world.json")
+        with open(marker) as f:
+            info = json.load(f)
+        info.update(step=int(ship.split("_")[-1]), calibration={**SAMPLER, **scores})
+        with open(marker, "w") as f:
+            json.dump(info, f, indent=1)
         log({"stage": "shipped", "snapshot": ship, **scores})
         print(f"shipped {os.path.join(out, ship)} -> {ship_to}: {scores}")
         return
@@ -487,7 +493,11 @@ def main(
         return
     if continue_from is not None:
         pipe = StableDiffusionPipeline.from_pretrained(continue_from)
-        first = int(os.path.basename(os.path.normpath(continue_from)).split("_")[-1]) + 1
+        with open(
+            os.path.join(continue_from, "shapes_world.json")
+        ) as f:  # the shipped model says its step
+            step = json.load(f).get("step")
+        first = (step or int(os.path.basename(os.path.normpath(continue_from)).split("_")[-1])) + 1
         log({"stage": "continue", "from": continue_from, "threads": threads})
         train_diffusion(
             pipe.vae,
