@@ -1,0 +1,80 @@
+"""The shipped tiny pipeline (assets/tiny-shapes): loads offline through diffusers and generates 64x64."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ASSET = REPO / "assets" / "tiny-shapes"
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_asset_is_a_complete_small_sd_folder():
+    index = json.loads((ASSET / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert part in index and (ASSET / part).is_dir(), part
+    weights = list(ASSET.rglob("*.safetensors"))
+    assert len(weights) == 3 and not list(ASSET.rglob("*.bin"))
+    assert folder_bytes(ASSET) <= 20 * 2**20
+    marker = json.loads((ASSET / "shapes_world.json").read_text())
+    assert marker["world"] == "shapes" and "calibration" in marker
+
+
+def test_loads_offline_and_generates_64x64(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(ASSET))
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    images = pipe(
+        ["a red circle", "a blue square on the left of a green triangle"],
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        eta=1.0,
+        generator=generator,
+        output_type="pt",
+    ).images
+    assert images.shape == (2, 3, 64, 64)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+
+
+def test_every_world_word_is_one_token():
+    from transformers import CLIPTokenizer
+
+    import train_tiny_pipeline as T
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(ASSET / "tokenizer"))
+    for word in T.world_words():
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    longest = "a striped red triangle on the right of a dotted blue square"
+    assert len(tokenizer(longest).input_ids) <= tokenizer.model_max_length
+
+
+def test_tokenizer_builder_roundtrip(tmp_path):
+    """The training script's BPE builder makes every word a single token from scratch."""
+    import train_tiny_pipeline as T
+
+    tokenizer = T.build_tokenizer(os.fspath(tmp_path))
+    ids = tokenizer("a red circle above a blue square").input_ids
+    assert len(ids) == 7 + 2  # seven words, start and end tokens
+
+
+def test_recorded_calibration_is_reproduced():
+    """The calibration numbers written into shapes_world.json are what the shipped model gives now
+    (up to thread-count rounding in the UNet, which can flip a few boundary pixels)."""
+    import train_tiny_pipeline as T
+
+    recorded = json.loads((ASSET / "shapes_world.json").read_text())["calibration"]
+    measured = T.calibrate(str(ASSET))
+    for key in ("color_val", "single"):
+        assert abs(measured[key] - recorded[key]) < 0.02, (key, measured[key], recorded[key])
