@@ -49,9 +49,8 @@ def test_loads_offline_and_generates_64x64(monkeypatch):
 
 
 def test_every_world_word_is_one_token():
-    from transformers import CLIPTokenizer
-
     import train_tiny_pipeline as T
+    from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(ASSET / "tokenizer"))
     for word in T.world_words():
