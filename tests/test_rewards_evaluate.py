@@ -1,9 +1,8 @@
 """The CompBench-style evaluation command (`python rewards.py evaluate ...`) and the shapes-world judges.
 
-The pipeline is a tiny Stable Diffusion built here from configs with random weights (UNet, VAE, CLIP text
-encoder, a CLIP tokenizer written from a small vocab.json + merges.txt, DDIM scheduler) and saved with
-`save_pretrained`, so the command loads it through `StableDiffusionPipeline.from_pretrained` like a real
-model folder.
+The pipeline is the tiny Stable Diffusion of tests/conftest.py (random weights, built from configs,
+saved with `save_pretrained`), so the command loads it through `StableDiffusionPipeline.from_pretrained`
+like a real model folder.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_rewards import save_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,72 +29,10 @@ PROMPTS = [
 ]
 
 
-def build_tiny_pipeline(folder: Path):
-    """A 32x32-pixel StableDiffusionPipeline (16x16x4 latents) with random weights."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = save_clip_tokenizer(folder / "tokenizer-source")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=37,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    scheduler = DDIMScheduler(  # Stable Diffusion's DDIM settings
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        steps_offset=1,
-        clip_sample=False,
-        set_alpha_to_one=False,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=CLIPTextModel(text_config),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny-sd")
-    build_tiny_pipeline(root).save_pretrained(root / "model")
-    return root / "model"
+def tiny_sd(tiny_model) -> Path:
+    """The shared tiny pipeline folder of tests/conftest.py (16x16 images, SD2-base DDIM config)."""
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
