@@ -59,6 +59,8 @@ BAD_INPUTS = {
     "missing prompt file": (["--train_prompts", "{tmp}/missing.txt"], "not found"),
     "unknown flag": (["--learning_rate", "1"], "unknown flag"),
     "groups split over ranks": (["--images_per_epoch", "5"], "multiple of K"),
+    "no held-out images": (["--eval_images_per_prompt", "0"], "--eval_images_per_prompt"),
+    "no step left to train": (["--min_train_sigma", "5"], "--min_train_sigma"),
 }
 
 
@@ -234,7 +236,8 @@ def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path.parent)  # the default --model is relative to loop.py's folder
     path = loop.resolve_model_path("assets/tiny-shapes")
     assert Path(path) == model
-    reward, train, held_out = loop.resolve_reward_and_prompts(loop.Config(reward="color"), path)
+    cfg = loop.Config(reward="color", eval_images_per_prompt=1)
+    reward, train, held_out = loop.resolve_reward_and_prompts(cfg, path)
     assert (reward, train, held_out) == ("shapes_color", ["a red cube"], ["a blue ball"])
     assert "resolves to shapes_color" in capsys.readouterr().out
     # a plain model keeps T2I-CompBench's reward and reads <category>_train/_val.txt from --prompt_dir
@@ -246,7 +249,7 @@ def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, ca
     assert loop.resolve_reward_and_prompts(cfg, str(plain)) == (
         "color",
         ["a red bench"],
-        ["a green car"],
+        ["a green car"] * cfg.eval_images_per_prompt,  # each held-out prompt, several noises
     )
     with pytest.raises(loop.UsageError, match="--train_prompts"):
         loop.resolve_reward_and_prompts(loop.Config(reward="color"), str(plain))

@@ -173,6 +173,7 @@ def run_main(tmp_path, tiny_model, name, monkeypatch=None, **overrides):
         "eval_every": 1,
         "lr": 1e-2,
         "clip_range": 0.1,
+        "min_train_sigma": 0.0,  # the test scheduler's sigmas are not the shipped model's
         **overrides,
     }
     return loop.main(loop.config_from_flags(flags))
@@ -202,7 +203,8 @@ def test_same_seed_gives_identical_runs(tmp_path, tiny_model):
     config = json.loads((a / "config.json").read_text())
     assert config["algo"] == "ppo" and config["k"] == 2
     assert (a / "samples" / "eval_epoch_0000.png").is_file()
-    assert (a / "samples" / "eval_epoch_0000.txt").read_text().count("\n") == 4
+    held_out = 4 * loop.Config.eval_images_per_prompt  # num_eval_prompts x images per prompt
+    assert (a / "samples" / "eval_epoch_0000.txt").read_text().count("\n") == held_out
     assert (a / "samples" / "before_after.png").is_file()
     assert (a / "checkpoint" / "state.pt").is_file()
 
@@ -257,6 +259,7 @@ def test_nan_reward_stops_and_names_the_prompt(tmp_path, tiny_model, monkeypatch
             images_per_epoch=2,
             num_steps=2,
             micro_batch=2,
+            min_train_sigma=0.0,
         )
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
@@ -313,3 +316,42 @@ def test_saved_lora_loads_in_stock_diffusers_and_reproduces_images(
     with_lora, without = stock(True), stock(False)
     torch.testing.assert_close(with_lora, ours, atol=1e-6, rtol=0)
     assert (without - ours).abs().max() > 1e-3  # the LoRA changed the images: the test can fail
+
+
+def test_min_train_sigma_trains_only_the_noisier_steps(tiny_model, monkeypatch):
+    """Deviation 10: steps with sigma_t < min_train_sigma are sampled but never re-scored."""
+    models = load(tiny_model)
+    cfg = tiny_config(algo="loop", num_steps=5)
+    policy, batch, reward = fresh_rollout(models, cfg)
+    sigma = policy.schedule.sigma_t
+    cfg.min_train_sigma = float(sigma.sort().values[2])  # between the 2nd and 3rd smallest
+    expected = {j for j in range(cfg.num_steps) if sigma[j] >= cfg.min_train_sigma}
+    assert 0 < len(expected) < cfg.num_steps
+    seen, rescore = [], loop.rescore
+    monkeypatch.setattr(
+        loop, "rescore", lambda p, b, rows, j: seen.append(j) or rescore(p, b, rows, j)
+    )
+    advantage = loop.compute_advantages("loop", reward.view(-1, cfg.k), "off", 5.0)
+    optimizer = torch.optim.AdamW(loop.lora_parameters(models.unet), lr=1e-3)
+    sizes = loop.check_config(cfg, world=1)
+    loop.train_on_rollout(policy, batch, advantage, cfg, optimizer, random.Random(0), sizes)
+    assert set(seen) == expected
+
+
+def test_lora_modules_selects_the_adapted_layers(tiny_model):
+    models = loop.load_models(
+        str(tiny_model), torch.device("cpu"), torch.float32, 4, 0, "attn2.to_k"
+    )
+    names = [n for n, p in models.unet.named_parameters() if p.requires_grad]
+    assert names and all("attn2.to_k.lora" in n for n in names)
+    everywhere = load(tiny_model)
+    assert len(loop.lora_parameters(everywhere.unet)) > len(names)
+    with pytest.raises(loop.UsageError, match="--lora_modules"):
+        loop.load_models(str(tiny_model), torch.device("cpu"), torch.float32, 4, 0, "no_such_layer")
+
+
+def test_each_held_out_prompt_is_scored_with_several_noises(tmp_path, tiny_model):
+    run = run_main(tmp_path, tiny_model, "run", num_eval_prompts=3, eval_images_per_prompt=2)
+    lines = (run / "samples" / "eval_epoch_0000.txt").read_text().splitlines()
+    prompts = [line.split(" | ")[0] for line in lines]
+    assert len(prompts) == 6 and prompts[0::2] == prompts[1::2] and len(set(prompts)) == 3
