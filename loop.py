@@ -9,7 +9,8 @@ Quickstart:
     python loop.py --algo loop --k 4 --reward color            # CPU, embedded tiny model, minutes
     python loop.py --algo loop --k 4 --reward color \\
         --model stabilityai/stable-diffusion-2-base --prompt_dir T2I-CompBench/examples/dataset \\
-        --num_steps 50 --images_per_epoch 256 --micro_batch 8 --lr 3e-4 --guidance_scale 7.5
+        --num_steps 50 --images_per_epoch 256 --micro_batch 8 --lr 3e-4 --guidance_scale 7.5 \\
+        --min_train_sigma 0
                                                               # one GPU; torchrun for several
 
 Deviations from the paper (each with its reason):
@@ -128,7 +129,7 @@ class Config:
     """LoRA rank r (alpha = r)"""
     lora_modules: str = "to_k,to_q,to_v,to_out.0"
     """comma-separated UNet module names that get LoRA (attn2.to_k: cross-attention only)"""
-    epochs: int = 60
+    epochs: int = 50
     """epochs; one epoch = one rollout of images_per_epoch images and its updates"""
     images_per_epoch: int = 32
     """B*K*ranks, images per rollout (fixed for equal-budget comparisons)"""
@@ -158,7 +159,7 @@ class Config:
     """beta, KL penalty to the base model (the LoRA adapter switched off); 0 = the paper"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    eval_every: int = 20
+    eval_every: int = 25
     """score the held-out prompts every this many epochs (and before training and at the end)"""
     seed: int = 0
     """seed of the LoRA init, the prompts and the sampling noise"""
@@ -896,7 +897,8 @@ def main(cfg: Config) -> Path:
     if not (policy.schedule.sigma_t >= cfg.min_train_sigma).any():
         top = policy.schedule.sigma_t.max().item()
         raise UsageError(
-            f"--min_train_sigma {cfg.min_train_sigma} excludes every step; use < {top:.3g}"
+            f"--min_train_sigma {cfg.min_train_sigma} excludes every step (the largest "
+            f"sigma_t is {top:.3g}); pass --min_train_sigma 0 to train all steps, as the paper"
         )
     params = lora_parameters(models.unet)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)  # DDPO's decay
