@@ -129,7 +129,7 @@ class Config:
     """LoRA rank r (alpha = r)"""
     lora_modules: str = "to_k,to_q,to_v,to_out.0"
     """comma-separated UNet module names that get LoRA (attn2.to_k: cross-attention only)"""
-    epochs: int = 50
+    epochs: int = 56
     """epochs; one epoch = one rollout of images_per_epoch images and its updates"""
     images_per_epoch: int = 32
     """B*K*ranks, images per rollout (fixed for equal-budget comparisons)"""
@@ -159,7 +159,7 @@ class Config:
     """beta, KL penalty to the base model (the LoRA adapter switched off); 0 = the paper"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    eval_every: int = 25
+    eval_every: int = 28
     """score the held-out prompts every this many epochs (and before training and at the end)"""
     seed: int = 0
     """seed of the LoRA init, the prompts and the sampling noise"""
