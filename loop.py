@@ -473,7 +473,7 @@ class Models:
 
 
 def load_models(
-    model: str, device, weight_dtype, lora_rank: int, seed: int, lora_modules: str = ""
+    model: str, device, weight_dtype, lora_rank: int, seed: int, lora_modules=Config.lora_modules
 ) -> Models:
     """Load a Stable Diffusion folder or hub id, freeze it, add fp32 LoRA to the attention."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -498,7 +498,7 @@ def load_models(
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False).eval().to(device)
     torch.manual_seed(seed)  # the same LoRA init on every rank
-    target = (lora_modules or Config.lora_modules).split(",")
+    target = lora_modules.split(",")
     lora = LoraConfig(
         r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=target
     )
@@ -546,6 +546,12 @@ def sync_gradients(params: list[torch.nn.Parameter]) -> None:
             p.grad /= dist.get_world_size()
 
 
+def trained_steps(schedule: Schedule, min_train_sigma: float) -> list[int]:
+    """Steps j the updates train on: with a density (Deviation 2), sigma_t >= min (Deviation 10)."""
+    keep = schedule.trainable & (schedule.sigma_t >= min_train_sigma)
+    return torch.nonzero(keep).flatten().tolist()
+
+
 def rescore(policy: Policy, batch: Rollout, rows: slice, j: int):
     """log pi_theta of the stored x_{t-1} at step j for samples `rows`: (n,), and the mean."""
     x_t, x_prev = batch.latents[rows, j], batch.latents[rows, j + 1]  # (n, C, h, w) each
@@ -558,9 +564,7 @@ def train_on_rollout(
 ) -> dict:
     """inner_epochs passes of minibatch updates over one rollout; returns mean statistics."""
     params, stats = lora_parameters(policy.unet), {key: [] for key in STAT_KEYS}
-    schedule = policy.schedule
-    trainable = schedule.trainable & (schedule.sigma_t >= cfg.min_train_sigma)
-    trainable = torch.nonzero(trainable).flatten().tolist()
+    trainable = trained_steps(policy.schedule, cfg.min_train_sigma)
     n_steps = max(1, round(cfg.timestep_fraction * len(trainable)))
     n, mb, micro = len(advantage), sizes["minibatch_per_rank"], sizes["micro_batch"]
     # one optimizer step per minibatch of mb samples (micro at a time), inner_epochs passes
@@ -823,6 +827,18 @@ def check_config(cfg: Config, world: int) -> dict:
     }
 
 
+def check_trained_steps(schedule: Schedule, cfg: Config) -> None:
+    """Stop with one clear line when the schedule leaves no step to train."""
+    if not schedule.trainable.any():
+        raise UsageError(f"--eta {cfg.eta} leaves every sigma_t < {MIN_SIGMA}; raise --eta")
+    if not trained_steps(schedule, cfg.min_train_sigma):
+        raise UsageError(
+            f"--min_train_sigma {cfg.min_train_sigma} excludes every step (the largest "
+            f"sigma_t is {schedule.sigma_t.max():.3g}); pass --min_train_sigma 0 to train all "
+            "steps, as the paper"
+        )
+
+
 def setup_distributed(cfg: Config):
     """Rank, world size and device; torchrun sets RANK/WORLD_SIZE (gloo on CPU, nccl on GPU)."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -892,21 +908,15 @@ def main(cfg: Config) -> Path:
     )
     reward_fn = rewards.load_reward(reward_name, device=device)
     policy = make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
-    if not policy.schedule.trainable.any():
-        raise UsageError(f"--eta {cfg.eta} leaves every sigma_t < {MIN_SIGMA}; raise --eta")
-    if not (policy.schedule.sigma_t >= cfg.min_train_sigma).any():
-        top = policy.schedule.sigma_t.max().item()
-        raise UsageError(
-            f"--min_train_sigma {cfg.min_train_sigma} excludes every step (the largest "
-            f"sigma_t is {top:.3g}); pass --min_train_sigma 0 to train all steps, as the paper"
-        )
+    check_trained_steps(policy.schedule, cfg)
     params = lora_parameters(models.unet)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)  # DDPO's decay
     if show:
         print(
             f"model {model_path}: {models.resolution}px, latent {models.latent_shape}, "
             f"{sum(p.numel() for p in params)} LoRA weights, {device}, {weight_dtype}, "
-            f"{int(policy.schedule.trainable.sum())}/{cfg.num_steps} steps with sigma_t > 0"
+            f"{int(policy.schedule.trainable.sum())}/{cfg.num_steps} steps with sigma_t > 0, "
+            f"{len(trained_steps(policy.schedule, cfg.min_train_sigma))} trained"
         )
     for p in params if world > 1 else []:  # every rank starts from rank 0's LoRA
         dist.broadcast(p.data, src=0)
