@@ -827,16 +827,17 @@ def check_config(cfg: Config, world: int) -> dict:
     }
 
 
-def check_trained_steps(schedule: Schedule, cfg: Config) -> None:
-    """Stop with one clear line when the schedule leaves no step to train."""
+def check_trained_steps(schedule: Schedule, cfg: Config) -> list[int]:
+    """The steps the updates train on; stop with one clear line when there is none."""
     if not schedule.trainable.any():
         raise UsageError(f"--eta {cfg.eta} leaves every sigma_t < {MIN_SIGMA}; raise --eta")
-    if not trained_steps(schedule, cfg.min_train_sigma):
+    if not (steps := trained_steps(schedule, cfg.min_train_sigma)):
         raise UsageError(
             f"--min_train_sigma {cfg.min_train_sigma} excludes every step (the largest "
             f"sigma_t is {schedule.sigma_t.max():.3g}); pass --min_train_sigma 0 to train all "
             "steps, as the paper"
         )
+    return steps
 
 
 def setup_distributed(cfg: Config):
@@ -908,7 +909,7 @@ def main(cfg: Config) -> Path:
     )
     reward_fn = rewards.load_reward(reward_name, device=device)
     policy = make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
-    check_trained_steps(policy.schedule, cfg)
+    steps = check_trained_steps(policy.schedule, cfg)
     params = lora_parameters(models.unet)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)  # DDPO's decay
     if show:
@@ -916,7 +917,7 @@ def main(cfg: Config) -> Path:
             f"model {model_path}: {models.resolution}px, latent {models.latent_shape}, "
             f"{sum(p.numel() for p in params)} LoRA weights, {device}, {weight_dtype}, "
             f"{int(policy.schedule.trainable.sum())}/{cfg.num_steps} steps with sigma_t > 0, "
-            f"{len(trained_steps(policy.schedule, cfg.min_train_sigma))} trained"
+            f"{len(steps)} trained"
         )
     for p in params if world > 1 else []:  # every rank starts from rank 0's LoRA
         dist.broadcast(p.data, src=0)

@@ -43,7 +43,7 @@ def main(
     models = loop.load_models(path, torch.device("cpu"), torch.float32, cfg.lora_rank, 0)
     policy = loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
     reward_fn, params = rewards.load_reward(reward_name), loop.lora_parameters(models.unet)
-    steps = torch.nonzero(policy.schedule.trainable).flatten().tolist()
+    steps = loop.trained_steps(policy.schedule, 0.0)  # every step with a density
     grads = {}  # (rollout, step) -> flattened LoRA gradient of that step's RLOO loss
     for i in range(rollouts):
         rng, generator = random.Random(i), torch.Generator().manual_seed(i)
@@ -64,10 +64,9 @@ def main(
         norm = sum(grads[i, j].norm().item() for i in range(rollouts)) / rollouts
         cos = [cosine(grads[a, j], grads[b, j]) for a, b in pairs]
         print(f"{j:2d}  {policy.schedule.sigma_t[j]:.3f}  {norm:.5f}  {mean_and_se(cos)}")
-    for name, group in {"all": steps, "sigma_t >= 0.1": None, "sigma_t >= 0.5": None}.items():
-        if group is None:
-            threshold = float(name.split(">= ")[1])
-            group = [j for j in steps if policy.schedule.sigma_t[j] >= threshold]
+    for threshold in (0.0, 0.1, 0.5):  # loop.py's --min_train_sigma: all, last two out, default
+        group = loop.trained_steps(policy.schedule, threshold)
+        name = f"sigma_t >= {threshold}" if threshold else "all"
         total = {i: sum(grads[i, j] for j in group) for i in range(rollouts)}
         cos = [cosine(total[a], total[b]) for a, b in pairs]
         print(f"sum over steps {name} ({len(group)} steps): cosine {mean_and_se(cos)}")
