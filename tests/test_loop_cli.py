@@ -61,6 +61,7 @@ BAD_INPUTS = {
     "groups split over ranks": (["--images_per_epoch", "5"], "multiple of K"),
     "no held-out images": (["--eval_images_per_prompt", "0"], "--eval_images_per_prompt"),
     "no step left to train": (["--min_train_sigma", "5"], "--min_train_sigma"),
+    "EMA that never moves": (["--ema_decay", "1"], "--ema_decay"),
 }
 
 

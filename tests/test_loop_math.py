@@ -144,3 +144,25 @@ def test_clipped_side_has_exactly_zero_gradient():
     assert grad[2] != 0 and grad[3] != 0
     ratio = loop.importance_ratio(log_prob, old)
     torch.testing.assert_close(grad[2:], -(ratio * advantage)[2:] / 4)
+
+
+def test_ema_is_the_geometric_average_of_the_epochs_weights():
+    """After epochs with weights w_1..w_n: ema = d^n w_0 + sum_e (1 - d) d^(n-e) w_e."""
+    decay, start = 0.9, torch.randn(5)
+    param = torch.nn.Parameter(start.clone())
+    ema, expected = [start.clone()], start.clone()
+    for _ in range(4):
+        param.data = torch.randn(5)
+        loop.update_ema(ema, [param], decay)
+        expected = decay * expected + (1 - decay) * param.data
+    assert torch.allclose(ema[0], expected)
+    loop.update_ema(ema, [param], 0.0)  # decay 0: the last weights
+    assert torch.equal(ema[0], param.data)
+
+
+def test_swapped_in_restores_the_weights_even_after_an_error():
+    param, other = torch.nn.Parameter(torch.zeros(3)), torch.ones(3)
+    with pytest.raises(RuntimeError), loop.swapped_in([param], [other]):
+        assert torch.equal(param.data, other)
+        raise RuntimeError
+    assert torch.equal(param.data, torch.zeros(3))

@@ -234,9 +234,8 @@ def test_interrupted_checkpoint_write_leaves_the_old_one(tmp_path, tiny_model, m
     monkeypatch.setattr(loop.torch, "save", killed_save)
     models = load(tiny_model)
     with pytest.raises(KeyboardInterrupt):
-        loop.save_checkpoint(
-            run, models.unet, torch.optim.AdamW(loop.lora_parameters(models.unet)), 7
-        )
+        params = loop.lora_parameters(models.unet)
+        loop.save_checkpoint(run, models.unet, torch.optim.AdamW(params), params, 7)
     assert (run / "checkpoint" / "state.pt").read_bytes() == good
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["state.pt"]
 
@@ -267,8 +266,9 @@ def test_nan_reward_stops_and_names_the_prompt(tmp_path, tiny_model, monkeypatch
     run = tmp_path / "run"
     assert [r["epoch"] for r in metrics(run)] == [0]  # the untrained evaluation, nothing after
     models = load(tiny_model, rank=loop.Config.lora_rank)
-    opt = torch.optim.AdamW(loop.lora_parameters(models.unet))
-    assert loop.load_checkpoint(run, models.unet, opt) == 0
+    params = loop.lora_parameters(models.unet)
+    ema = [p.detach().clone() for p in params]
+    assert loop.load_checkpoint(run, models.unet, torch.optim.AdamW(params), ema) == 0
 
 
 def test_saved_lora_loads_in_stock_diffusers_and_reproduces_images(
@@ -295,7 +295,9 @@ def test_saved_lora_loads_in_stock_diffusers_and_reproduces_images(
     gen = torch.Generator().manual_seed(6)
     step_noise = torch.stack([torch.randn(shape, generator=gen) for _ in range(3)], 1)
     cond = loop.encode_prompts(models.tokenizer, models.text_encoder, prompts)
-    latents, _ = loop.sample_trajectories(policy, cond, x_T, step_noise)
+    ema = torch.load(run / "checkpoint" / "state.pt", weights_only=False)["ema"]
+    with loop.swapped_in(loop.lora_parameters(models.unet), ema):  # lora/ holds the EMA
+        latents, _ = loop.sample_trajectories(policy, cond, x_T, step_noise)
     ours = loop.decode_images(models.vae, latents[:, -1])
 
     def stock(with_lora):
@@ -355,3 +357,25 @@ def test_each_held_out_prompt_is_scored_with_several_noises(tmp_path, tiny_model
     lines = (run / "samples" / "eval_epoch_0000.txt").read_text().splitlines()
     prompts = [line.split(" | ")[0] for line in lines]
     assert len(prompts) == 6 and prompts[0::2] == prompts[1::2] and len(set(prompts)) == 3
+
+
+def test_saved_lora_is_the_ema_and_training_continues_from_the_raw_weights(tmp_path, tiny_model):
+    """--ema_decay d: lora/ holds the checkpoint's EMA, not the raw LoRA weights it also keeps."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    run = run_main(tmp_path, tiny_model, "ema", epochs=2, ema_decay=0.5)
+    state = torch.load(run / "checkpoint" / "state.pt", weights_only=False)
+    saved = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+    models = load(tiny_model, rank=loop.Config.lora_rank)
+
+    def in_diffusers_format():
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
+
+    with loop.swapped_in(loop.lora_parameters(models.unet), state["ema"]):
+        ema = in_diffusers_format()
+    set_peft_model_state_dict(models.unet, state["lora"])
+    raw = in_diffusers_format()
+    assert saved.keys() == ema.keys() == raw.keys()
+    assert all(torch.equal(saved[key], ema[key]) for key in saved)
+    assert not all(torch.allclose(saved[key], raw[key]) for key in saved)
