@@ -917,6 +917,39 @@ def start_run(run: Path, cfg: Config, models, policy, prompts, reward_fn, optimi
     return row["eval_reward_mean"]
 
 
+def run_folder(cfg: Config) -> Path:
+    """--resume DIR, --out DIR or runs/<algo>-<reward>-k<K>-<time>; never over another run."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = Path(cfg.resume or cfg.out or f"runs/{cfg.algo}-{cfg.reward}-k{cfg.k}-{stamp}")
+    if not cfg.resume and (run / "checkpoint").exists():
+        raise UsageError(f"--out {run} holds a run; pass --resume {run} or another --out")
+    return run
+
+
+def epoch_inputs(cfg: Config, rank: int, epoch: int, train_prompts, n: int, latent_shape: tuple):
+    """The epoch's rng, B*K prompts (each group of K together), x_T and step noise."""
+    # one seed per (seed, rank, epoch): noise and prompts never depend on earlier RNG use
+    seed = (cfg.seed * 1_000_003 + rank * 10_007 + epoch) % 2**62
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    chosen = rng.choices(train_prompts, k=n // cfg.k)  # B prompts
+    prompts = [p for p in chosen for _ in range(cfg.k)]  # B*K = n
+    x_T, step_noise = draw_noise(generator, n, cfg.num_steps, latent_shape)
+    return rng, prompts, x_T, step_noise
+
+
+def print_summary(run: Path, reward_name: str, resolution: int) -> None:
+    """The run's last lines: held-out score before -> after, the before/after grid, the LoRA."""
+    evals = [r for r in read_metrics(run) if r["eval_reward_mean"] is not None]
+    first, last = evals[0], evals[-1]
+    print(
+        f"held-out {reward_name}: before {first['eval_reward_mean']:.4f} -> after "
+        f"{last['eval_reward_mean']:.4f} (epoch {last['epoch']})"
+    )
+    grid = before_after_grid(run, first["epoch"], last["epoch"], resolution)
+    print(f"before/after grid: {grid}")
+    print(f"LoRA: {run / 'lora' / 'pytorch_lora_weights.safetensors'}")
+
+
 # === main: seed, device, load, optimise in a loop, log, save
 def main(cfg: Config) -> Path:
     rank, world, device = setup_distributed(cfg)
@@ -925,10 +958,7 @@ def main(cfg: Config) -> Path:
     sizes = check_config(cfg, world)
     model_path = resolve_model_path(cfg.model)
     reward_name, train_prompts, eval_prompts = resolve_reward_and_prompts(cfg, model_path)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = Path(cfg.resume or cfg.out or f"runs/{cfg.algo}-{cfg.reward}-k{cfg.k}-{stamp}")
-    if not cfg.resume and (run / "checkpoint").exists():
-        raise UsageError(f"--out {run} holds a run; pass --resume {run} or another --out")
+    run = run_folder(cfg)
     show = rank == 0  # rank 0 prints and writes
     if show:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -975,12 +1005,8 @@ def main(cfg: Config) -> Path:
     n_images, normalization = sizes["images_per_rank"], sizes["normalization"]
     for epoch in tqdm(range(start_epoch, cfg.epochs), f"{cfg.algo} epochs", disable=not show):
         tic = time.time()
-        # one seed per (seed, rank, epoch): noise and prompts never depend on earlier RNG use
-        seed = (cfg.seed * 1_000_003 + rank * 10_007 + epoch) % 2**62
-        rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
-        chosen = rng.choices(train_prompts, k=n_images // cfg.k)  # B prompts
-        prompts = [p for p in chosen for _ in range(cfg.k)]  # B*K, each group of K together
-        x_T, step_noise = draw_noise(generator, n_images, cfg.num_steps, models.latent_shape)
+        inputs = (cfg, rank, epoch, train_prompts, n_images, models.latent_shape)
+        rng, prompts, x_T, step_noise = epoch_inputs(*inputs)
         batch, reward = rollout(models, policy, prompts, x_T, step_noise, reward_fn, micro, show)
         groups = reward.view(-1, cfg.k)  # (B*K,) -> (B, K)
         advantage = compute_advantages(cfg.algo, groups, normalization, cfg.adv_clip).to(device)
@@ -1011,15 +1037,7 @@ def main(cfg: Config) -> Path:
             dist.barrier()
 
     if show:
-        evals = [r for r in read_metrics(run) if r["eval_reward_mean"] is not None]
-        first, last = evals[0], evals[-1]
-        print(
-            f"held-out {reward_name}: before {first['eval_reward_mean']:.4f} -> after "
-            f"{last['eval_reward_mean']:.4f} (epoch {last['epoch']})"
-        )
-        grid = before_after_grid(run, first["epoch"], last["epoch"], models.resolution)
-        print(f"before/after grid: {grid}")
-        print(f"LoRA: {run / 'lora' / 'pytorch_lora_weights.safetensors'}")
+        print_summary(run, reward_name, models.resolution)
     if dist.is_initialized():
         dist.destroy_process_group()
     return run
