@@ -995,8 +995,7 @@ def main(cfg: Config) -> Path:
             truncate_metrics(run, start_epoch + 1)
             print(f"resumed {run} at epoch {start_epoch}")
     elif show:
-        args = (models, policy, eval_prompts, reward_fn, optimizer, ema, micro)
-        score = start_run(run, cfg, *args)
+        score = start_run(run, cfg, models, policy, eval_prompts, reward_fn, optimizer, ema, micro)
         print(f"held-out {reward_name} before training: {score:.4f}")
     if world > 1:
         dist.barrier()
@@ -1005,8 +1004,9 @@ def main(cfg: Config) -> Path:
     n_images, normalization = sizes["images_per_rank"], sizes["normalization"]
     for epoch in tqdm(range(start_epoch, cfg.epochs), f"{cfg.algo} epochs", disable=not show):
         tic = time.time()
-        inputs = (cfg, rank, epoch, train_prompts, n_images, models.latent_shape)
-        rng, prompts, x_T, step_noise = epoch_inputs(*inputs)
+        rng, prompts, x_T, step_noise = epoch_inputs(
+            cfg, rank, epoch, train_prompts, n_images, models.latent_shape
+        )
         batch, reward = rollout(models, policy, prompts, x_T, step_noise, reward_fn, micro, show)
         groups = reward.view(-1, cfg.k)  # (B*K,) -> (B, K)
         advantage = compute_advantages(cfg.algo, groups, normalization, cfg.adv_clip).to(device)
