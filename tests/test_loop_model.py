@@ -366,11 +366,13 @@ def test_saved_lora_is_the_ema_and_training_continues_from_the_raw_weights(tmp_p
 
     run = run_main(tmp_path, tiny_model, "ema", epochs=2, ema_decay=0.5)
     state = torch.load(run / "checkpoint" / "state.pt", weights_only=False)
-    saved = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+    in_file = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+    saved = {key.removeprefix("unet."): value for key, value in in_file.items()}
     models = load(tiny_model, rank=loop.Config.lora_rank)
 
-    def in_diffusers_format():
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
+    def in_diffusers_format():  # copies: the state dict's tensors share the weights' storage
+        state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
+        return {key: value.clone() for key, value in state_dict.items()}
 
     with loop.swapped_in(loop.lora_parameters(models.unet), state["ema"]):
         ema = in_diffusers_format()
