@@ -60,7 +60,8 @@ Shapes: N = B*K images on a rank, (C, h, w) a latent, (3, H, W) an image, (L, D)
 
 Run folder (--out): config.json; metrics.jsonl (one row per epoch; row 0 is the untrained model's
 held-out score); samples/*.png grids with a .txt of captions; lora/pytorch_lora_weights.safetensors
-(diffusers format); checkpoint/state.pt (everything --resume needs, written atomically).
+(diffusers format; the EMA weights the held-out scores used); checkpoint/state.pt (everything
+--resume needs, written atomically).
 Metrics (per epoch): images_seen; reward_mean / reward_std of the rollout (all ranks);
 eval_reward_mean, the held-out mean with fixed noise (null when not evaluated); over every trained
 (sample, step): approx_kl = mean 0.5 (log rho_t)^2, clipfrac = share with |rho_t - 1| > eps,
