@@ -1024,9 +1024,11 @@ def main(cfg: Config) -> Path:
             save_grid(train_grid, batch.images[:16], prompts[:16], reward[:16])
             with swapped_in(params, ema):
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                    held_out = evaluate(models, policy, eval_prompts, reward_fn, micro, show)
-                    save_grid(held_out_path(run, epoch + 1), held_out[1], eval_prompts, held_out[0])
-                    row["eval_reward_mean"] = held_out[0].mean().item()
+                    eval_reward, images = evaluate(
+                        models, policy, eval_prompts, reward_fn, micro, show
+                    )
+                    save_grid(held_out_path(run, epoch + 1), images, eval_prompts, eval_reward)
+                    row["eval_reward_mean"] = eval_reward.mean().item()
                 save_lora(models.unet, run / "lora")
             append_metrics(run, row | {"seconds": time.time() - tic})
             save_checkpoint(run, models.unet, optimizer, ema, epoch + 1)
