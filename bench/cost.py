@@ -14,7 +14,8 @@ Both are timed alternately (A B, B A, ...) in one process, `--repeats` times; th
    configuration runs loop.main for `--epochs` epochs in its own forked child; seconds per epoch is
    the median over the epochs without a held-out evaluation; peak memory is the child's ru_maxrss
    (see bench/common.py; on a GPU also torch.cuda.max_memory_allocated). A `load` row is a child that
-   only loads the model: the floor every configuration starts from.
+   only loads the model: the floor every configuration starts from. The children score only
+   EVAL_PROMPTS held-out prompts (same micro-batches, so the same peak): epochs are timed, not evals.
 
     python bench/cost.py                 # loop.Config's model and budget
     python bench/cost.py --tiny          # the test suite's tiny random model, seconds
@@ -53,6 +54,7 @@ CONFIGS = (
 TINY = {"reward": "jpeg_compressibility", "images_per_epoch": 4, "num_steps": 3, "micro_batch": 2}
 TINY_CONFIGS = (("reinforce", 1), ("loop", 2))
 TARGETS = {"sampling": 1.05, "update": 1.15}
+EVAL_PROMPTS = 4  # held-out prompts of part 3's children (evaluated at the start and the end only)
 
 
 def zero_reward(images, prompts) -> torch.Tensor:
@@ -165,6 +167,7 @@ def side_by_side(models: loop.Models, cfg: loop.Config, prompts: list[str], repe
     def floor_update():
         bare_forward_backward(policy, result["batch"], cfg, sizes)
 
+    floor_update()  # warm-up of the backward kernels (it leaves the weights as they are)
     phases = {"sampling": (ours_sampling, floor_sampling), "update": (ours_update, floor_update)}
     times = {phase: ([], []) for phase in phases}
     for r in tqdm(range(repeats), "side by side"):
@@ -232,9 +235,11 @@ def main(
     base: dict = dict(TINY) if tiny else {}
     if tiny:
         tiny_path, prompt_file = tiny_model(work_dir / "tiny-model")
-        base |= {"model": str(tiny_path), "train_prompts": str(prompt_file), "num_eval_prompts": 2}
+        base |= {"model": str(tiny_path), "train_prompts": str(prompt_file)}
     if model:
         base["model"] = model
+    # part 3 times epochs, not evaluations: a few held-out prompts keep its children short
+    base.setdefault("num_eval_prompts", EVAL_PROMPTS)
     cfg = loop.Config(**base)
     loop.check_config(cfg, 1)
     threads = threads or default_threads(1)
