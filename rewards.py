@@ -259,68 +259,203 @@ TEXTURE_WORDS = words(
     "stone silk velvet smooth rough soft shiny striped dotted solid"
 )
 ATTRIBUTE_WORDS = COLOR_WORDS | SHAPE_WORDS | TEXTURE_WORDS
-DETERMINERS = words("a an the one two three four some this that")
-# Words that end a noun phrase: prepositions, relation words, and the verbs of CompBench's prompts.
-BOUNDARY_WORDS = words(
-    "on in of at with under over above below behind beside near next to into onto from by "
-    "inside outside while who which is are was were sits sitting sat stands standing "
-    "stood lies lying placed rests resting has have holding"
+# CompBench drops these exact (case-sensitive) noun chunks before asking its questions.
+COMPBENCH_DROPPED_CHUNKS = ("top", "the side", "the left", "the right")
+# Adjectives that can precede a participle used as a modifier ("a dark colored suit") or stand alone
+# after "is" / "looked" ("looked elegant"), where spaCy makes no noun chunk.
+ADJECTIVES = ATTRIBUTE_WORDS | words(
+    "bright dark light pale deep pastel colorful colourful vibrant crisp juicy warm cold cool hot "
+    "old new young fresh dry wet clean dirty empty full open closed great perfect beautiful elegant "
+    "stunning lovely pretty cute ugly sleek bulky dull sharp prickly rusty calm jagged heavy thick "
+    "thin narrow huge giant little single ample cozy fancy modern vintage antique simple plain "
+    "delicious sweet sour ripe rotten tasty shiny glossy matte sturdy fragile delicate upright "
+    "oblong pentagonal hexagonal very quite too"
 )
-SPACY: dict = {}  # the spaCy pipeline, loaded on first use
-NOT_OBJECTS = {
-    "top",
-    "the top",
-    "side",
-    "the side",
-    "left",
-    "the left",
-    "right",
-    "the right",
-    "bottom",
-}
+DETERMINERS = words(
+    "a an the some this that these those his her its their my your our another each every any "
+    "no one two three four five six seven eight nine ten several many few both"
+)
+PREPOSITIONS = words(
+    "on in of at with under over above below behind beside besides near next to into onto from by "
+    "inside outside across through along around against among between beneath toward towards "
+    "upon within without for during after before like atop underneath past via amid amongst "
+    "throughout off"
+)
+CONJUNCTIONS = words("and or but nor while as because when where than so then whereas though")
+LINKING_VERBS = words(
+    "is are was were be been being am look looks looked seem seems seemed appear appears appeared "
+    "become becomes became feel feels felt remain remains remained"
+)
+AUXILIARIES = LINKING_VERBS | words(
+    "has have had do does did can could will would should may might must"
+)
+PRONOUNS = words("it he she they we you i him them us who which whom")
+ADVERBS = words(
+    "down up out away together back here there also just not only still even almost "
+    "always never often now gently softly slowly quickly"
+)
+# Verb forms that are not -ed / -ing words (those are recognised by their ending, see `is_verb_form`).
+VERB_FORMS = words(
+    "sit sits sat stand stands stood lie lies lay lays rest rests hang hangs hung hold holds held "
+    "keep keeps kept make makes made take takes took bring brings brought cast casts shine shines "
+    "shone drive drives drove ride rides rode write writes wrote lead leads led fall falls fell "
+    "fly flies flew draw draws drew blow blows blew run runs ran go goes went grow grows grew "
+    "spin spins spun lit strike strikes struck beat beats sends sent shook sped spread adds "
+    "features wears leans sleeps floats plays perches drifts awaits reaches stirs bounces slides "
+    "illuminates opens covers contains reflects catches chases eats drinks walks jumps swims "
+    "carries holds provides displays serves overlooks surrounds faces "
+    # base forms after a plural subject ("the spoon and bowl mix the batter")
+    "mix stir add display provide complement reflect decorate support accompany protect secure "
+    "remove clean await drift float play glide clink click simmer tighten dig gleam"
+)
+# Words with a verb's ending that are nouns (or adjectives) in CompBench's prompts.
+NOT_VERBS = words(
+    "bed shed sled seed reed weed speed breed steed need feed red ring king wing thing string spring "
+    "swing sling ceiling building painting lighting seating clothing wedding frosting icing railing "
+    "bedding pudding dumpling earring stocking evening morning topping filling stuffing awning "
+    "sapling carving drawing setting opening bowling sibling duckling seedling"
+)
+# Words ending in -ly that are adjectives or nouns, not adverbs.
+LY_WORDS = words(
+    "prickly chilly lively lovely stately curly friendly ugly silly holy woolly wooly bubbly sparkly "
+    "wrinkly burly early only daily elderly likely unlikely costly deadly smelly jelly belly lily "
+    "family butterfly dragonfly fly bully rally ally holly gully jolly frilly hilly"
+)
+CLOSED_CLASS = DETERMINERS | PREPOSITIONS | CONJUNCTIONS | AUXILIARIES | PRONOUNS | ADVERBS
+SPACY: dict = {}  # spaCy pipelines by name, loaded on first use
+NOT_OBJECTS = words("top side left right bottom")  # "the left" of "on the left of" is no object
+
+
+def is_verb_form(word: str) -> bool:
+    """A verb's form: a listed verb, or an -ed / -ing word that is not a listed noun."""
+    if word in NOT_VERBS or len(word) < 5:
+        return word in VERB_FORMS
+    return word in VERB_FORMS or word.endswith(("ed", "ing"))
+
+
+def is_adverb(word: str) -> bool:
+    return word in ADVERBS or (word.endswith("ly") and len(word) > 4 and word not in LY_WORDS)
+
+
+def word_role(words: list[str], i: int, previous: str) -> str:
+    """The role of words[i] in noun-phrase splitting: "det", "content", "pron" or "break".
+
+    previous: the role of words[i - 1] ("" at the start; "join" for "and" / ",")
+
+    Context decides the ambiguous cases: a verb form ends a phrase when it follows a noun or a
+    pronoun ("the cat sat on", "the vase looked"), but is a modifier after a determiner or an
+    adjective ("a seated toilet", "a cutting board"); "that" / "which" / "who" after a noun are
+    relative pronouns, which spaCy makes noun chunks of their own.
+    """
+    word = words[i]
+    before = words[i - 1] if i > 0 else ""
+    after = words[i + 1] if i + 1 < len(words) else ""
+    follows_noun = previous == "content" and before not in ADJECTIVES
+    if word in ("that", "which", "who") and (follows_noun or before == ","):
+        return "pron"
+    if word in PRONOUNS:
+        return "pron"
+    if word in DETERMINERS:
+        return "det"
+    if word in ADVERBS and previous == "det":
+        return "content"  # "the back of"
+    if word in CLOSED_CLASS or is_adverb(word):
+        return "break"
+    ends_phrase = after in CLOSED_CLASS or after in ("", ",") or is_adverb(after)
+    if word.endswith(("ed", "ing")) and is_verb_form(word) and ends_phrase:
+        # "a man sitting on", "neatly arranged in": verbs
+        return "content" if before in DETERMINERS | ADJECTIVES else "break"
+    if word.endswith("ing"):
+        return "content"  # "the dining room", "a cutting board"
+    verb_after_noun = is_verb_form(word) or after in DETERMINERS  # a noun never precedes "the"
+    if verb_after_noun and (follows_noun or previous == "pron" or before in AUXILIARIES):
+        return "break"
+    return "content"
+
+
+def joins_attributes(words: list[str], i: int) -> bool:
+    """ "and" or "," inside an attribute list: "red and white", "a big, brown bowl", "blue, black, and"."""
+    before = words[i - 1] if i > 0 else ""
+    after = words[i + 1] if i + 1 < len(words) else ""
+    if before == "," and words[i] == "and":
+        before = words[i - 2]
+    if after == "and" and words[i] == ",":
+        after = words[i + 2] if i + 2 < len(words) else ""
+    return before in ADJECTIVES and after in ADJECTIVES
 
 
 def split_noun_phrases(prompt: str) -> list[str]:
-    """Rule-based noun phrases of a CompBench prompt, in order.
+    """Rule-based noun phrases of a prompt, in order: spaCy's noun chunks without spaCy.
 
     "a green bench and a red car"             -> ["a green bench", "a red car"]
     "a blue backpack and a red and white bowl" -> ["a blue backpack", "a red and white bowl"]
-    A phrase ends at a determiner that starts a new one, at a boundary word (preposition, verb) and
-    at "and" unless "and" joins two attributes ("red and white").
+    "The sleek black pen wrote on the paper." -> ["the sleek black pen", "the paper"]
+    A phrase ends at a determiner that starts a new one, at a preposition, conjunction, adverb or
+    verb (`word_role`), at "and" and "," unless they join attributes ("red and white", "big,
+    brown"). A phrase after "is" / "looked" made only of adjectives is a predicate, not an object.
+    CompBench's dropped chunks ("the left", "top", ...) are dropped, as it does.
     """
-    words = re.findall(r"[a-z0-9'-]+", prompt.lower())
-    phrases, current = [], []
+    words = re.findall(r"[a-z0-9'-]+|,", prompt.lower())
+    phrases, current, after_linking = [], [], False
+
+    def close() -> None:
+        if any(w not in DETERMINERS for w in current):
+            predicate = after_linking and all(w in ADJECTIVES or w == "," for w in current)
+            if not predicate:
+                phrases.append(" ".join(current).replace(" ,", ","))
+        current.clear()
+
+    role = ""
     for i, word in enumerate(words):
-        before = words[i - 1] if i > 0 else ""
-        after = words[i + 1] if i + 1 < len(words) else ""
-        joins_attributes = word == "and" and before in ATTRIBUTE_WORDS and after in ATTRIBUTE_WORDS
-        starts_new = word in DETERMINERS and any(w not in DETERMINERS for w in current)
-        if (word == "and" and not joins_attributes) or word in BOUNDARY_WORDS or starts_new:
-            phrases.append(" ".join(current))
-            current = [] if word in BOUNDARY_WORDS or word == "and" else [word]
-        else:
+        role = word_role(words, i, role) if word not in ("and", ",") else "join"
+        if role == "join" and joins_attributes(words, i):
             current.append(word)
-    phrases.append(" ".join(current))
-    return [p for p in phrases if p and p not in NOT_OBJECTS and p.split()[-1] not in DETERMINERS]
+            continue
+        if role in ("join", "break", "pron") or (role == "det" and current and current[-1] != ","):
+            close()
+            after_linking = word in LINKING_VERBS or (after_linking and role != "det")
+        if role in ("content", "det"):
+            current.append(word)
+        elif role == "pron":
+            phrases.append(word)
+    close()
+    return [p for p in phrases if p not in COMPBENCH_DROPPED_CHUNKS]
 
 
-def spacy_noun_phrases(prompt: str) -> list[str]:
-    """CompBench's own splitter: spaCy en_core_web_sm noun chunks (optional dependency)."""
+def spacy_noun_phrases(prompt: str, model: str = "en_core_web_sm") -> list[str]:
+    """CompBench's own splitter: spaCy noun chunks, less its dropped chunks (optional dependency)."""
     try:
         import spacy
 
-        if "nlp" not in SPACY:
-            SPACY["nlp"] = spacy.load("en_core_web_sm")
+        if model not in SPACY:
+            SPACY[model] = spacy.load(model)
     except (ImportError, OSError) as error:
         raise RuntimeError(
-            f"splitter='spacy' needs spaCy and en_core_web_sm ({error}); install them with "
-            "`pip install spacy && python -m spacy download en_core_web_sm`, or use the default splitter"
+            f"splitter='spacy' needs spaCy and its {model} pipeline ({error}); install them with "
+            f"`pip install spacy && python -m spacy download {model}`, or use the default splitter"
         ) from error
-    return [
-        chunk.text
-        for chunk in SPACY["nlp"](prompt).noun_chunks
-        if chunk.text.lower() not in NOT_OBJECTS
-    ]
+    chunks = [chunk.text for chunk in SPACY[model](prompt).noun_chunks]
+    return [chunk for chunk in chunks if chunk not in COMPBENCH_DROPPED_CHUNKS]
+
+
+def blip_question(phrase: str) -> str:
+    """ "The red car" -> "the red car?": CompBench's question, normalised as its BLIP reads it."""
+    # f"{phrase}?", then BLIP's pre_question: lowercase, drop . ! " ( ) * # : ; ~, strip trailing spaces
+    return re.sub(r'[.!"()*#:;~]', "", f"{phrase}?".lower()).rstrip(" ")
+
+
+def blip_questions(
+    prompt: str, splitter: str = "rules", spacy_model: str = "en_core_web_sm"
+) -> list[str]:
+    """The questions the BLIP-VQA score asks about `prompt`: one per noun phrase ([] if none)."""
+    if splitter not in ("rules", "spacy"):
+        raise ValueError(f"splitter must be 'rules' or 'spacy', got {splitter!r}")
+    phrases = (
+        spacy_noun_phrases(prompt, spacy_model)
+        if splitter == "spacy"
+        else split_noun_phrases(prompt)
+    )
+    return [blip_question(phrase) for phrase in phrases]
 
 
 def yes_probability(
@@ -383,14 +518,13 @@ def load_blip_vqa(
 
     if splitter not in ("rules", "spacy"):
         raise ValueError(f"splitter must be 'rules' or 'spacy', got {splitter!r}")
-    phrases_of = spacy_noun_phrases if splitter == "spacy" else split_noun_phrases
 
     @torch.no_grad()
     def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_inputs(images, prompts)
-        # a prompt without any phrase is asked as a whole, so it can never score a free 1.0
-        phrases = [phrases_of(p) or [p] for p in prompts]
-        questions = [(i, f"{phrase}?") for i, ps in enumerate(phrases) for phrase in ps]
+        # a prompt without any phrase is asked as a whole, so it can never score a free 1.0 (gap 5)
+        asked = [blip_questions(p, splitter) or [blip_question(p)] for p in prompts]
+        questions = [(i, question) for i, qs in enumerate(asked) for question in qs]
         pixels = model_pixels(images.to(device, torch.float32), size, mean, std)
         # each image is encoded once: (N, 3, S, S) -> (N, P, D)
         image_embeds = net.vision_model(
@@ -398,7 +532,7 @@ def load_blip_vqa(
         ).last_hidden_state
         logits = answer_logits(net, tokenizer, image_embeds, questions, enc_id, batch_size)
         p_yes = yes_probability(logits, yes_id, no_id, normalise)  # (Q,)
-        return product_over_phrases(p_yes, [len(ps) for ps in phrases])
+        return product_over_phrases(p_yes, [len(qs) for qs in asked])
 
     return reward
 
@@ -415,7 +549,8 @@ def answer_logits(
 
     Questions of equal token length are batched together and never padded (gap 4).
     """
-    token_ids = tokenizer([q for _, q in questions])["input_ids"]
+    # BLIP truncates its questions to 35 tokens
+    token_ids = tokenizer([q for _, q in questions], truncation=True, max_length=35)["input_ids"]
     logits = [None] * len(questions)
     for chunk in equal_length_chunks(token_ids, batch_size):
         input_ids = torch.tensor([token_ids[j] for j in chunk], device=image_embeds.device)
@@ -482,20 +617,34 @@ RELATION_AXIS = {
     "above": "on the top of",
     "below": "on the bottom of",
 }
-NOT_NOUNS = BOUNDARY_WORDS | DETERMINERS | ATTRIBUTE_WORDS | {"and", "it", "its", "their"}
+
+
+def head_noun(phrase: str) -> str:
+    """The head of an English noun phrase is its last word: "the crisp green lettuce" -> "lettuce"."""
+    return phrase.split()[-1]
 
 
 def parse_spatial_prompt(prompt: str) -> tuple[str, str, str] | None:
-    """ "a balloon on the top of a giraffe" -> ("balloon", "on the top of", "giraffe"); None if no relation."""
+    """ "a balloon on the top of a giraffe" -> ("balloon", "on the top of", "giraffe"); None if no relation.
+
+    The objects are the head nouns of the last noun phrase before the relation and of the first one
+    after it, so a verb before the relation ("the lettuce lay next to") is never taken as an object.
+    """
     text = " ".join(re.findall(r"[a-z0-9'-]+", prompt.lower()))
     for relation in SPATIAL_RELATIONS:
         match = re.search(rf"\b{relation}\b", text)
         if match:
-            before = [w for w in text[: match.start()].split() if w not in NOT_NOUNS]
-            after = split_noun_phrases(text[match.end() :])
+            before = objects(text[: match.start()])
+            after = objects(text[match.end() :])
             if before and after:
-                return before[-1], relation, after[0].split()[-1]
+                return head_noun(before[-1]), relation, head_noun(after[0])
     return None
+
+
+def objects(text: str) -> list[str]:
+    """Noun phrases of `text` that can be detected: no pronoun, no "the left" / "top"."""
+    phrases = split_noun_phrases(text)
+    return [p for p in phrases if p not in PRONOUNS and head_noun(p) not in NOT_OBJECTS]
 
 
 def relation_score(

@@ -286,7 +286,9 @@ def test_jpeg_size_matches_pil_and_signs():
             "a black and white cat and a brown dog",
             ["a black and white cat", "a brown dog"],
         ),
-        ("a balloon on the top of a giraffe", ["a balloon", "a giraffe"]),
+        # CompBench drops the chunks "the left", "the right", "the side", "top", but asks "the top?"
+        ("a balloon on the top of a giraffe", ["a balloon", "the top", "a giraffe"]),
+        ("a balloon on top of a giraffe", ["a balloon", "a giraffe"]),
         ("a dog on the left of a cat", ["a dog", "a cat"]),
         (
             "The brown dog sat next to the white cat.",
@@ -297,22 +299,88 @@ def test_jpeg_size_matches_pil_and_signs():
             ["a blue bench", "a green car", "a red bird"],
         ),
         ("a red car", ["a red car"]),
+        # sentence prompts of CompBench's complex form: verbs end a phrase and are never asked
+        (
+            "The fresh green pear rested beside the ripe yellow banana.",
+            ["the fresh green pear", "the ripe yellow banana"],
+        ),
+        (
+            "The tall black lamp stood next to the soft grey sofa.",
+            ["the tall black lamp", "the soft grey sofa"],
+        ),
+        (
+            "The old wooden ladle stirs the thick red soup.",
+            ["the old wooden ladle", "the thick red soup"],
+        ),
+        ("The small brown puppy sleeping on the rug", ["the small brown puppy", "the rug"]),
+        ("A grey kettle parked beside a white mug.", ["a grey kettle", "a white mug"]),
+        ("The round clock was mounted on the white wall.", ["the round clock", "the white wall"]),
+        # participles and gerunds that modify a noun stay in its phrase
+        ("a cutting board and the dining table", ["a cutting board", "the dining table"]),
+        (
+            "a dark colored scarf on a black seated stool",
+            ["a dark colored scarf", "a black seated stool"],
+        ),
+        # commas are boundaries, except inside a list of attributes (spaCy keeps them in the chunk)
+        (
+            "a kitchen with a red kettle, a blue pot and a stove",
+            ["a kitchen", "a red kettle", "a blue pot", "a stove"],
+        ),
+        ("a big, brown basket", ["a big, brown basket"]),
+        (
+            "a rug with a blue, black, and white pattern",
+            ["a rug", "a blue, black, and white pattern"],
+        ),
+        # predicates after "is" / "looked" are not objects; a relative pronoun is a chunk of its own
+        ("The pink vase looked elegant on the shelf.", ["the pink vase", "the shelf"]),
+        ("a bathroom that is white", ["a bathroom", "that"]),
     ],
 )
 def test_split_noun_phrases(prompt, phrases):
     assert rewards.split_noun_phrases(prompt) == phrases
 
 
+def test_blip_questions_are_normalised_as_blip_reads_them():
+    # f"{phrase}?", lowercased, CompBench's pre_question punctuation removed
+    assert rewards.blip_question("Mr. Brown's (red) car") == "mr brown's red car?"
+    assert rewards.blip_questions("The crisp green lettuce lay next to the tomato.") == [
+        "the crisp green lettuce?",
+        "the tomato?",
+    ]
+    with pytest.raises(ValueError, match="splitter must be"):
+        rewards.blip_questions("a red car", "nltk")
+
+
 def test_spacy_splitter_is_optional(blip_dir):
     try:
-        import spacy  # noqa: F401
-    except ImportError:
+        import spacy
+
+        spacy.load("en_core_web_sm")
+    except (ImportError, OSError):
         reward = rewards.load_reward("color", model=blip_dir, splitter="spacy")
-        with pytest.raises(RuntimeError, match="pip install spacy"):
+        with pytest.raises(RuntimeError, match="spacy download en_core_web_sm"):
             reward(random_images(1), ["a red car"])
     else:
         phrases = rewards.spacy_noun_phrases("a green bench and a red car")
         assert phrases == ["a green bench", "a red car"]
+
+
+class Chunk:
+    def __init__(self, text: str):
+        self.text = text
+
+
+def test_spacy_splitter_drops_exactly_compbench_chunks(monkeypatch):
+    """CompBench drops the exact chunks 'top', 'the side', 'the left', 'the right' and no others."""
+    chunks = ["a dog", "the top", "top", "the left", "The left", "side", "the side", "a cat"]
+    fake = type("Doc", (), {"noun_chunks": [Chunk(c) for c in chunks]})
+    monkeypatch.setitem(rewards.SPACY, "fake", lambda prompt: fake)
+    kept = rewards.spacy_noun_phrases("any prompt", model="fake")
+    assert kept == ["a dog", "the top", "The left", "side", "a cat"]
+    assert rewards.blip_questions("x", "spacy", spacy_model="fake")[1:3] == [
+        "the top?",
+        "the left?",
+    ]
 
 
 def test_yes_probability_arithmetic():
@@ -418,6 +486,17 @@ def test_torch_preprocessing_matches_the_processors(blip_dir, clip_dir):
         ),
         ("a red circle above a blue square", ("circle", "above", "square")),
         ("a green bench and a red car", None),
+        # the word before the relation is a verb: the object is the head noun of the phrase before it
+        (
+            "The crisp green lettuce lay next to the juicy red tomato.",
+            ("lettuce", "next to", "tomato"),
+        ),
+        (
+            "The blue kettle was placed on the left of the white mug.",
+            ("kettle", "on the left of", "mug"),
+        ),
+        ("A grey car parked near a tall tree", ("car", "near", "tree")),
+        ("The old dog sleeping on side of the warm stove.", ("dog", "on side of", "stove")),
     ],
 )
 def test_parse_spatial_prompt(prompt, parsed):
