@@ -15,14 +15,22 @@ Scorers (name -> what it computes, default model)
     spatial                 APPROXIMATION of T2I-CompBench's UniDet rule on an open-vocabulary detector
                             (UniDet/detectron2 has no transformers port), google/owlv2-base-patch16-ensemble
     non_spatial             T2I-CompBench CLIPScore: raw cosine(image, prompt), openai/clip-vit-base-patch32
-    complex                 T2I-CompBench 3-in-1: average of the three scores above (rule in `load_complex`)
+    complex                 T2I-CompBench 3-in-1: mean of the attribute score and the spatial and/or
+                            action scores (routing in gap 8)
     aesthetic               LAION aesthetic predictor v2 as DDPO uses it: MLP head on the L2-normalised
                             openai/clip-vit-large-patch14 image embedding
     jpeg_compressibility    DDPO: -(JPEG size at quality 95, in kB)
     jpeg_incompressibility  DDPO: +(JPEG size at quality 95, in kB)
-    clipscore               2.5 * max(cosine(image, prompt), 0) (Hessel et al.), openai/clip-vit-base-patch32
+    clipscore               CLIPScore (Hessel et al. 2021): 2.5 * max(cos(image, "A photo depicts " +
+                            prompt), 0), openai/clip-vit-base-patch32
     shapes_color, shapes_shape, shapes_texture, shapes_spatial
                             the shapes world's exact pixel judges (shapes_world.score)
+
+Precision. `dtype=None` (the training default) runs the models in bfloat16 on CUDA; `dtype="original"`
+(the default of `rewards.py evaluate`) runs each as its original does on CUDA: BLIP, CLIP ViT-L/14
+(aesthetic) and OWLv2 in float32, CLIP ViT-B/32 (non_spatial, clipscore, complex's action) in
+float16. bfloat16 moves CLIP cosines by about as much as published models differ: compare evaluation
+numbers only at "original". On the CPU everything runs in float32 unless a dtype is given.
 
 Known gaps with T2I-CompBench's original code, and how they are handled
 1. BLIP question's first token. The original BLIP VQA replaces the question's first token ([CLS]) with
@@ -33,33 +41,54 @@ Known gaps with T2I-CompBench's original code, and how they are handled
 2. BLIP input size. CompBench runs the VQA checkpoint at 480 px; the transformers conversion of
    blip-vqa-capfilt-large is configured for 384 px (position embeddings interpolated once, at
    conversion). We default to the converted 384 px; `image_size=480` re-interpolates the position
-   embeddings (`interpolate_pos_encoding`) to approximate the original input size.
-3. Yes probability. We score p(yes) / (p(yes) + p(no)) from the first decoder step (both tokens are one
-   BERT word-piece). `normalise=False` returns the softmax p(yes) over the whole vocabulary instead.
-   Which of the two CompBench's modified BLIP reads was not checked against its code here; the two agree
-   when the model puts its mass on yes/no, as a VQA model asked a yes/no question should.
-4. Question padding. The original decoder attends to the padded question (its mask is all ones), so a
-   score depends on the other questions in its batch; transformers 5.x's BLIP text cross-attention drops
-   the mask too (found by our batching test). We never pad: questions of equal token length are batched
-   together, which equals the original's batch-of-one computation, whatever the library version.
-5. Noun phrases. CompBench uses spaCy noun chunks; we use a rule-based splitter (`split_noun_phrases`)
-   that handles CompBench's attribute-binding forms; `splitter="spacy"` uses spaCy if it is installed.
+   embeddings (`interpolate_pos_encoding`) to approximate the original input size. Which is closer to
+   CompBench's own numbers needs real weights and a GPU: scripts/blip_size_check.py (not yet run).
+3. Yes probability: p(yes) / (p(yes) + p(no)) from the first decoder step, which is what CompBench's
+   modified BLIP computes (`vqa_prob`: softmax over the vocabulary, then yes / (yes + no)).
+   `normalise=False` returns the vocabulary-wide softmax p(yes) instead. CompBench also rounds each
+   answer and the product to 4 decimals for its files; we do not round.
+4. Question padding. The original batches questions padded to the longest and masks the padding (the
+   text encoder's attention mask and the decoder's cross-attention mask). transformers 5.x's BLIP text
+   cross-attention drops that mask (found by our batching test), so a padded batch would change the
+   scores. We never pad: questions of equal token length are batched together, which equals the
+   original's masked computation, whatever the library version. Questions are truncated to 35 tokens,
+   as in the original.
+5. Noun phrases. CompBench asks one question per spaCy en_core_web_sm noun chunk, less the exact chunks
+   "top", "the side", "the left", "the right" (so it does ask "the top?" of "on the top of"), with
+   BLIP's question normalisation (`blip_question`). The default rule splitter (`split_noun_phrases`)
+   needs no spaCy; it gives spaCy's question list on ~90% of CompBench's color/shape/texture val
+   prompts and ~75% of complex val (scripts/phrase_agreement.py; README "Rewards"). Most of the rest
+   are spaCy's own mis-parses ("a red rose and a white carnation" -> only "a white carnation?"; "X and
+   Y" sometimes one chunk), which we do not imitate. `splitter="spacy"` uses CompBench's rule exactly
+   if spaCy is installed. A prompt without any noun phrase is asked as a whole (CompBench scores it 1).
 6. Image preprocessing runs in torch on the reward's device (resize with antialiasing, centre crop,
    normalise with the processor's mean/std), not in PIL on the CPU; the tests bound the difference.
-7. spatial: UniDet's closed label set and confidences are replaced by OWLv2 text queries
-   "a photo of a {noun}" and their sigmoid scores; the rule on top (centres, IoU, thresholds, the
-   0.25 + 0.25 + 0.5 combination, zero below 0.5) is CompBench's, with its 150 px distance threshold
-   taken relative to a 512 px image. CompBench's "on top of" never matches its own rule (scores 0); we
-   treat it as "on the top of". The numbers are therefore NOT comparable with published UniDet scores.
-   The two objects are found by rules (`parse_spatial_prompt`), not spaCy part-of-speech tags.
-8. complex: CompBench's 3-in-1 scores prompts of its complex_*_spatial.txt list (attribute + spatial) / 2,
-   of its complex_*_action.txt list (attribute + CLIP without adjectives) / 2, and the rest as the mean of
-   all three. We do not ship those lists: a prompt with a spatial relation word is scored as spatial,
-   any other as action (see `load_complex`).
+7. spatial: UniDet (detectron2, 479 px input, detections above confidence 0.5) is replaced by OWLv2
+   text queries "a photo of a {noun}" and their sigmoid scores (`box_threshold`, default 0.1: OWLv2's
+   confidences are lower than UniDet's). The two objects are always two different detections (never
+   one box for both: `two_detections`). The rule on top (centres, IoU, thresholds, the 0.25 + 0.25 +
+   0.5 combination, zero below 0.5) is CompBench's, with its 150 px distance on UniDet's 479 px input
+   (150/479 of the image side). The objects are the head nouns of the noun phrases on either side of
+   the relation (`parse_spatial_prompt`), not spaCy part-of-speech tags. Two differences in meaning:
+   (a) UniDet finds a noun only if it equals one of its label strings ("girl", "boy", "man", "woman"
+   read as "person"): a third of CompBench's spatial val prompts name an object outside that list and
+   score 0 in the original whatever the image; OWLv2 finds any noun. (b) CompBench's "on top of" has no
+   rule and scores no position; we read it as "on the top of". `labels=FILE` (UniDet's label list)
+   is the strict mode that reproduces both, for comparisons with published numbers. Even then the
+   detector differs, so scores are NOT comparable with published UniDet numbers.
+8. complex: CompBench's 3-in-1 scores the prompts of its complex_*_spatial.txt list (attribute +
+   spatial) / 2, of its complex_*_action.txt list (attribute + CLIP on the prompt without adjectives)
+   / 2, and every other prompt (its spatialaction list) as the mean of all three. `lists=FOLDER` (and
+   `rewards.py evaluate` when the prompt file's folder has the lists) routes exactly so. Without the
+   lists a prompt with a relation word is routed spatial and any other action, never 3-way: of the
+   300 complex_val prompts that routes 102 spatial (the lists' 58 spatial and 30 three-way, and 14
+   they route action) and 198 action (all action in the lists too). Only the branches a prompt needs are computed. Adjectives are removed by a
+   word list, not by spaCy's tagger.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -122,14 +151,26 @@ def check_inputs(images: torch.Tensor, prompts: list[str]) -> None:
         )
 
 
-def resolve_dtype(device: str | torch.device, dtype: str | torch.dtype | None) -> torch.dtype:
-    """None -> bfloat16 on CUDA, float32 elsewhere; strings like "bfloat16" -> torch.bfloat16."""
+def resolve_dtype(
+    device: str | torch.device,
+    dtype: str | torch.dtype | None,
+    original: torch.dtype = torch.float32,
+) -> torch.dtype:
+    """The precision a scorer runs in (float32 on the CPU unless a dtype is given).
+
+    None       -> bfloat16 on CUDA: fast, for training rewards.
+    "original" -> on CUDA the precision the original scorer runs in (`original`): for evaluation.
+    "bfloat16", torch.float16, ... -> that dtype.
+    """
+    cuda = torch.device(device).type == "cuda"
     if dtype is None:
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return torch.bfloat16 if cuda else torch.float32
+    if dtype == "original":
+        return original if cuda else torch.float32
     value = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
     if isinstance(value, torch.dtype):
         return value
-    raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    raise ValueError(f"unknown dtype {dtype!r}; use original, float32, bfloat16 or float16")
 
 
 def from_pretrained(cls, model: str, **kwargs):
@@ -269,8 +310,10 @@ ADJECTIVES = ATTRIBUTE_WORDS | words(
     "stunning lovely pretty cute ugly sleek bulky dull sharp prickly rusty calm jagged heavy thick "
     "thin narrow huge giant little single ample cozy fancy modern vintage antique simple plain "
     "delicious sweet sour ripe rotten tasty shiny glossy matte sturdy fragile delicate upright "
-    "oblong pentagonal hexagonal very quite too"
+    "oblong pentagonal hexagonal"
 )
+# "a very small dog": inside a phrase these behave like adjectives
+MODIFIERS = ADJECTIVES | words("very quite too")
 DETERMINERS = words(
     "a an the some this that these those his her its their my your our another each every any "
     "no one two three four five six seven eight nine ten several many few both"
@@ -350,7 +393,7 @@ def word_role(words: list[str], i: int, previous: str) -> str:
     word = words[i]
     before = words[i - 1] if i > 0 else ""
     after = words[i + 1] if i + 1 < len(words) else ""
-    follows_noun = previous == "content" and before not in ADJECTIVES
+    follows_noun = previous == "content" and before not in MODIFIERS
     if word in ("that", "which", "who") and (follows_noun or before == ","):
         return "pron"
     if word in PRONOUNS:
@@ -364,7 +407,7 @@ def word_role(words: list[str], i: int, previous: str) -> str:
     ends_phrase = after in CLOSED_CLASS or after in ("", ",") or is_adverb(after)
     if word.endswith(("ed", "ing")) and is_verb_form(word) and ends_phrase:
         # "a man sitting on", "neatly arranged in": verbs
-        return "content" if before in DETERMINERS | ADJECTIVES else "break"
+        return "content" if before in DETERMINERS | MODIFIERS else "break"
     if word.endswith("ing"):
         return "content"  # "the dining room", "a cutting board"
     verb_after_noun = is_verb_form(word) or after in DETERMINERS  # a noun never precedes "the"
@@ -381,7 +424,7 @@ def joins_attributes(words: list[str], i: int) -> bool:
         before = words[i - 2]
     if after == "and" and words[i] == ",":
         after = words[i + 2] if i + 2 < len(words) else ""
-    return before in ADJECTIVES and after in ADJECTIVES
+    return before in MODIFIERS and after in MODIFIERS
 
 
 def split_noun_phrases(prompt: str) -> list[str]:
@@ -400,7 +443,7 @@ def split_noun_phrases(prompt: str) -> list[str]:
 
     def close() -> None:
         if any(w not in DETERMINERS for w in current):
-            predicate = after_linking and all(w in ADJECTIVES or w == "," for w in current)
+            predicate = after_linking and all(w in MODIFIERS or w == "," for w in current)
             if not predicate:
                 phrases.append(" ".join(current).replace(" ,", ","))
         current.clear()
@@ -652,9 +695,16 @@ def relation_score(
     box1: torch.Tensor,
     box2: torch.Tensor,
     iou_threshold: float = 0.1,
-    distance: float = 150 / 512,
+    distance: float = 150 / 479,
+    strict: bool = False,
 ) -> float:
-    """CompBench's soft position score of object 1 `relation` object 2; boxes (x0, y0, x1, y1), y down."""
+    """CompBench's soft position score of object 1 `relation` object 2; boxes (x0, y0, x1, y1), y down.
+
+    distance: CompBench's 150 px on UniDet's 479 px input, as a fraction of the image side.
+    strict: as CompBench, "on top of" has no rule and scores 0 (else it is read as "on the top of").
+    """
+    if strict and relation == "on top of":
+        return 0.0
     relation = RELATION_AXIS.get(relation, relation)
     dx, dy = ((box2[:2] + box2[2:]) / 2 - (box1[:2] + box1[2:]) / 2).tolist()  # centre2 - centre1
     iou = box_iou(box1, box2)
@@ -675,23 +725,37 @@ def relation_score(
 
 def box_iou(box1: torch.Tensor, box2: torch.Tensor) -> float:
     """Intersection over union of two (x0, y0, x1, y1) boxes."""
-    overlap = (torch.minimum(box1[2:], box2[2:]) - torch.maximum(box1[:2], box2[:2])).clamp(min=0)
-    intersection = overlap.prod()
-    union = (box1[2:] - box1[:2]).prod() + (box2[2:] - box2[:2]).prod() - intersection
-    return float(intersection / union) if union > 0 else 0.0
+    return float(boxes_iou(box1[None], box2)[0])
 
 
-def spatial_rule(relation: str, found: list[tuple[float, torch.Tensor] | None]) -> float:
+def boxes_iou(boxes: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """(P, 4) boxes, one (4,) box, all (x0, y0, x1, y1) -> (P,) intersection over union (0 if empty)."""
+    overlap = (torch.minimum(boxes[:, 2:], box[2:]) - torch.maximum(boxes[:, :2], box[:2])).clamp(
+        min=0
+    )
+    intersection = overlap.prod(dim=1)  # (P, 2) -> (P,)
+    union = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1) + (box[2:] - box[:2]).prod() - intersection
+    return torch.where(union > 0, intersection / union.clamp(min=1e-12), torch.zeros_like(union))
+
+
+def spatial_rule(
+    relation: str, found: list[tuple[float, torch.Tensor] | None], strict: bool = False
+) -> float:
     """CompBench's combination of two detections (confidence, box) or None, and the position score."""
     first, second = found
     if first is not None and second is not None:
+        position = relation_score(relation, first[1], second[1], strict=strict)
         # score = 0.25 c1 + 0.25 c2 + 0.5 position
-        score = (
-            0.25 * first[0] + 0.25 * second[0] + 0.5 * relation_score(relation, first[1], second[1])
-        )
+        score = 0.25 * first[0] + 0.25 * second[0] + 0.5 * position
     else:
         score = 0.25 * sum(d[0] for d in found if d is not None)
     return score if score >= 0.5 else 0.0  # CompBench zeroes every score below 0.5
+
+
+# Two boxes that overlap this much are one object (the usual non-maximum-suppression threshold).
+SAME_OBJECT_IOU = 0.5
+# UniDet reads "girl", "boy", "man" and "woman" as its label "person" (CompBench's 2D_spatial_eval.py).
+PERSON_WORDS = words("girl boy man woman")
 
 
 def load_spatial(
@@ -699,11 +763,19 @@ def load_spatial(
     model: str = OWLV2_MODEL,
     dtype: str | torch.dtype | None = None,
     box_threshold: float = 0.1,
+    labels: str | None = None,
 ) -> RewardFn:
-    """APPROXIMATION of T2I-CompBench's UniDet spatial score, with OWLv2 as the detector."""
+    """APPROXIMATION of T2I-CompBench's UniDet spatial score, with OWLv2 as the detector.
+
+    box_threshold: lowest OWLv2 confidence that counts as a detection.
+    labels: strict mode (gap 7): a file of UniDet's label names (one per line, or the `labels` list of
+        CompBench's `detection_features.pt`); an object whose noun is not exactly one of them is never
+        found, and "on top of" scores no position, as in the original.
+    """
     from transformers import AutoProcessor, Owlv2ForObjectDetection
 
     dtype = resolve_dtype(device, dtype)
+    vocabulary = read_labels(labels) if labels else None
     processor = from_pretrained(AutoProcessor, model)
     net = from_pretrained(Owlv2ForObjectDetection, model, dtype=dtype).to(device).eval()
     size, mean, std, _ = processor_geometry(processor.image_processor)
@@ -722,37 +794,72 @@ def load_spatial(
             return_tensors="pt",
         ).to(device)  # (2N, L): two queries per image
         pixels = model_pixels(
-            images.to(device, torch.float32),
-            size,
-            mean,
-            std,
-            mode="bilinear",
-            pad_value=0.5,
+            images.to(device, torch.float32), size, mean, std, mode="bilinear", pad_value=0.5
         )
         out = net(
             input_ids=tokens.input_ids,
             attention_mask=tokens.attention_mask,
             pixel_values=pixels.to(dtype),
         )
-        confidence = out.logits.float().sigmoid()  # (N, patches, 2)
-        best, patch = confidence.max(dim=1)  # (N, 2)
+        confidence = out.logits.float().sigmoid().cpu()  # (N, patches, 2)
+        boxes = corner_boxes(out.pred_boxes.float().cpu())  # (N, patches, 4)
         scores = []
-        for i, (_, relation, _) in enumerate(parsed):
-            found = [
-                detection(out.pred_boxes[i], best[i, q], patch[i, q], box_threshold) for q in (0, 1)
-            ]
-            scores.append(spatial_rule(relation, found) if relation else 0.0)
+        for i, (obj1, relation, obj2) in enumerate(parsed):
+            known = [vocabulary is None or unidet_label(o) in vocabulary for o in (obj1, obj2)]
+            found = two_detections(boxes[i], confidence[i], box_threshold, known)
+            scores.append(
+                spatial_rule(relation, found, strict=labels is not None) if relation else 0.0
+            )
         return torch.tensor(scores, dtype=torch.float32)
 
     return reward
 
 
-def detection(boxes: torch.Tensor, confidence: torch.Tensor, patch: torch.Tensor, threshold: float):
-    """(confidence, (x0, y0, x1, y1) box in [0, 1] of the padded square) of the best patch, or None."""
-    if confidence < threshold:
-        return None
-    cx, cy, w, h = boxes[patch].float().cpu()
-    return float(confidence), torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+def corner_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) (cx, cy, w, h) -> (..., 4) (x0, y0, x1, y1)."""
+    centre, half = boxes[..., :2], boxes[..., 2:] / 2
+    return torch.cat([centre - half, centre + half], dim=-1)
+
+
+def two_detections(
+    boxes: torch.Tensor, confidence: torch.Tensor, threshold: float, allowed: list[bool]
+) -> list[tuple[float, torch.Tensor] | None]:
+    """The two objects' detections (confidence, box) or None, never one box for both.
+
+    boxes (P, 4) corners, confidence (P, 2) per query. The more confident query takes its best box;
+    the other takes its best box that is not the same object (IoU < SAME_OBJECT_IOU), as a detector
+    with one label per box would report them. A query that is not allowed (strict mode: no UniDet
+    label) or below `threshold` is not found.
+    """
+    found: list[tuple[float, torch.Tensor] | None] = [None, None]
+    taken = None
+    for q in sorted((0, 1), key=lambda q: -float(confidence[:, q].max())):
+        candidates = confidence[:, q].clone()  # (P,)
+        if taken is not None:
+            candidates[boxes_iou(boxes, taken) >= SAME_OBJECT_IOU] = -1.0
+        best = int(candidates.argmax())
+        if allowed[q] and candidates[best] >= threshold:
+            found[q] = (float(candidates[best]), boxes[best])
+            taken = boxes[best]
+    return found
+
+
+def unidet_label(noun: str) -> str:
+    return "person" if noun in PERSON_WORDS else noun
+
+
+def read_labels(path: str) -> set[str]:
+    """UniDet's label names from a text file (one per line) or a .pt file holding {"labels": [...]}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"labels={path!r} not found: pass a text file with one UniDet label per line, or the "
+            "dataset/detection_features.pt that T2I-CompBench's UniDet_eval loads"
+        )
+    if path.endswith(".pt"):
+        names = torch.load(path, map_location="cpu", weights_only=True)["labels"]
+    else:
+        names = Path(path).read_text().splitlines()
+    return {name.strip() for name in names if name.strip()}
 
 
 # ====================================================================================================
@@ -763,10 +870,10 @@ def load_clip_cosine(
     model: str = CLIP_B32_MODEL,
     dtype: str | torch.dtype | None = None,
 ) -> RewardFn:
-    """(images, prompts) -> (N,) cosine(f_image, f_text) of a CLIP model."""
+    """(images, prompts) -> (N,) cosine(f_image, f_text) of a CLIP model (originals: float16 on CUDA)."""
     from transformers import AutoProcessor, CLIPModel
 
-    dtype = resolve_dtype(device, dtype)
+    dtype = resolve_dtype(device, dtype, original=torch.float16)
     processor = from_pretrained(AutoProcessor, model)
     net = from_pretrained(CLIPModel, model, dtype=dtype).to(device).eval()
     geometry = processor_geometry(processor.image_processor)
@@ -791,23 +898,60 @@ def load_clip_cosine(
     return cosine
 
 
-def load_non_spatial(device: str | torch.device = "cpu", **options) -> RewardFn:
+def load_non_spatial(
+    device: str | torch.device = "cpu",
+    model: str = CLIP_B32_MODEL,
+    dtype: str | torch.dtype | None = None,
+) -> RewardFn:
     """T2I-CompBench's non-spatial score: the raw CLIP ViT-B/32 cosine similarity."""
-    return load_clip_cosine(device, **options)
+    return load_clip_cosine(device, model, dtype)
 
 
-def load_clipscore(device: str | torch.device = "cpu", **options) -> RewardFn:
-    """CLIPScore (Hessel et al. 2021): 2.5 * max(cos, 0)."""
-    cosine = load_clip_cosine(device, **options)
-    return lambda images, prompts: 2.5 * cosine(images, prompts).clamp(min=0)
+def load_clipscore(
+    device: str | torch.device = "cpu",
+    model: str = CLIP_B32_MODEL,
+    dtype: str | torch.dtype | None = None,
+    prefix: str = "A photo depicts ",
+) -> RewardFn:
+    """CLIPScore (Hessel et al. 2021): 2.5 * max(cos(image, prefix + prompt), 0)."""
+    cosine = load_clip_cosine(device, model, dtype)
+    return lambda images, prompts: 2.5 * cosine(images, [prefix + p for p in prompts]).clamp(min=0)
 
 
 # ====================================================================================================
 # complex: T2I-CompBench 3-in-1
 # ====================================================================================================
 def without_attributes(prompt: str) -> str:
-    """CompBench feeds CLIP the complex prompt with its adjectives removed (we drop our attribute words)."""
-    return " ".join(w for w in prompt.split() if w.lower().strip(",.") not in ATTRIBUTE_WORDS)
+    """CompBench feeds CLIP the complex prompt without its adjectives (spaCy's ADJ; ours: ADJECTIVES)."""
+    return " ".join(w for w in prompt.split() if w.lower().strip(",.") not in ADJECTIVES)
+
+
+def complex_key(prompt: str) -> str:
+    """How 3_in_1.py matches a prompt to its lists: the text before the first ".", lowercased."""
+    return prompt.strip().split(".")[0].lower()
+
+
+def read_complex_lists(folder: str) -> dict[str, str]:
+    """{complex_key(prompt): "spatial" | "action"} from CompBench's complex_*_{spatial,action}.txt."""
+    routes = {}
+    for route in ("spatial", "action"):
+        for path in sorted(Path(folder).glob(f"complex_*_{route}.txt")):
+            routes.update(
+                {complex_key(p): route for p in path.read_text().splitlines() if p.strip()}
+            )
+    if not routes:
+        raise FileNotFoundError(
+            f"no complex_*_spatial.txt / complex_*_action.txt in {folder!r}: pass T2I-CompBench's "
+            "examples/dataset folder as lists=..., or lists=None to route by relation words (gap 8)"
+        )
+    return routes
+
+
+def complex_route(prompt: str, routes: dict[str, str] | None) -> str:
+    """ "spatial", "action" or "spatialaction" (3-way): from the lists, else from relation words."""
+    if routes is None:
+        return "spatial" if parse_spatial_prompt(prompt) else "action"
+    return routes.get(complex_key(prompt), "spatialaction")  # as 3_in_1.py: neither list -> 3-way
 
 
 def load_complex(
@@ -816,29 +960,46 @@ def load_complex(
     detector_model: str = OWLV2_MODEL,
     clip_model: str = CLIP_B32_MODEL,
     dtype: str | torch.dtype | None = None,
+    lists: str | None = None,
 ) -> RewardFn:
-    """3-in-1: attribute (BLIP-VQA) averaged with spatial (detector rule) or action (CLIP) scores.
+    """3-in-1: attribute (BLIP-VQA) averaged with spatial (detector rule) and/or action (CLIP) scores.
 
-    CompBench splits its complex prompts into spatial / action / other lists; a prompt with a spatial
-    relation is scored (attribute + spatial) / 2, otherwise (attribute + CLIP) / 2 (our rule for the
-    lists, which we do not ship; CompBench's 'other' prompts average all three).
+    lists: a folder with CompBench's complex_*_{spatial,action}.txt, which route each prompt as the
+        original does (`complex_route`); None: a prompt with a relation word is spatial, any other is
+        action, and no prompt gets the 3-way mean (gap 8).
     """
+    routes = read_complex_lists(lists) if lists else None
     attribute = load_blip_vqa(device, model=blip_model, dtype=dtype)
     spatial = load_spatial(device, model=detector_model, dtype=dtype)
     action = load_clip_cosine(device, model=clip_model, dtype=dtype)
 
     def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        is_spatial = torch.tensor([parse_spatial_prompt(p) is not None for p in prompts])
-        a = attribute(images, prompts)
-        # score = (attribute + spatial) / 2 or (attribute + CLIP without adjectives) / 2
-        second = torch.where(
-            is_spatial,
-            spatial(images, prompts),
-            action(images, [without_attributes(p) for p in prompts]),
+        check_inputs(images, prompts)
+        route = [complex_route(p, routes) for p in prompts]
+        a = attribute(images, prompts)  # (N,)
+        s = branch(spatial, images, prompts, [r != "action" for r in route])
+        c = branch(
+            action,
+            images,
+            [without_attributes(p) for p in prompts],
+            [r != "spatial" for r in route],
         )
-        return (a + second) / 2
+        # score = (a + s) / 2, (a + c) / 2 or (a + s + c) / 3
+        three = torch.tensor([r == "spatialaction" for r in route])
+        return torch.where(three, (a + s + c) / 3, (a + s + c) / 2)  # the unused branch is 0
 
     return reward
+
+
+def branch(
+    scorer: RewardFn, images: torch.Tensor, prompts: list[str], needed: list[bool]
+) -> torch.Tensor:
+    """(N,) scores of `scorer` on the prompts that need it, 0 elsewhere (the rest is never computed)."""
+    scores = torch.zeros(len(prompts))
+    index = [i for i, n in enumerate(needed) if n]
+    if index:
+        scores[index] = scorer(images[index], [prompts[i] for i in index])
+    return scores
 
 
 # ====================================================================================================
@@ -959,7 +1120,19 @@ def load_reward(name: str, device: str | torch.device = "cpu", **options) -> Rew
     """Load reward `name` once; returns fn(images (N, 3, H, W) in [0, 1], prompts) -> (N,) float32 on CPU."""
     if name not in LOADERS:
         raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(REWARD_NAMES)}")
+    valid = reward_options_of(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"reward {name!r} has no option {', '.join(unknown)}; its options: {', '.join(valid)}"
+        )
     return LOADERS[name](device, **options)
+
+
+def reward_options_of(name: str) -> list[str]:
+    """The keyword options of reward `name`'s loader (besides device)."""
+    parameters = inspect.signature(LOADERS[name]).parameters
+    return [p for p in parameters if p != "device"]
 
 
 # ====================================================================================================
@@ -993,6 +1166,26 @@ def resolve_reward_name(model: str, reward: str) -> str:
         )
         return f"shapes_{reward}"
     return reward
+
+
+def evaluation_options(
+    reward: str, prompts: str, reward_model: str | None, reward_options: dict | None
+) -> dict:
+    """The reward's options for `evaluate`, with a clear error where --reward_model means nothing."""
+    options = dict(reward_options or {})
+    if reward_model:
+        if "model" not in reward_options_of(reward):
+            raise ValueError(
+                f"--reward_model does not apply to reward {reward!r}, which loads no single model "
+                f"(its options: {', '.join(reward_options_of(reward))}); for complex pass "
+                '--reward_options \'{"blip_model": ..., "detector_model": ..., "clip_model": ...}\''
+            )
+        options["model"] = reward_model
+    folder = Path(prompts).parent
+    if reward == "complex" and "lists" not in options and any(folder.glob("complex_*_spatial.txt")):
+        print(f"complex: routing prompts with CompBench's lists in {folder}")
+        options["lists"] = str(folder)
+    return options
 
 
 def load_pipeline(model: str, lora: str | None, device: str, dtype: torch.dtype):
@@ -1048,23 +1241,29 @@ def evaluate(
     eta: float = 0.0,
     device: str | None = None,
     dtype: str | None = None,
+    reward_dtype: str = "original",
     reward_model: str | None = None,
+    reward_options: dict | None = None,
     limit: int | None = None,
 ) -> float:
     """Score `model` (+ `lora`) on a prompt file, CompBench style; returns the mean score.
 
     prompts: file, one prompt per line; reward: a name in REWARD_NAMES (color/shape/texture/spatial
     mean the exact judges for a shapes-world model); images_per_prompt: M (CompBench uses 10), drawn
-    from seed + prompt index; reward_model: override the reward's model id; limit: first `limit`
-    prompts only; dtype: pipeline and reward precision (default bfloat16 on CUDA, float32 on CPU).
-    Prints the mean; `out` gets the settings and the per-prompt scores as JSON.
+    from seed + prompt index; limit: first `limit` prompts only; dtype: the pipeline's precision
+    (default bfloat16 on CUDA, float32 on CPU); reward_dtype: the scorer's ("original": the original
+    scorers' precision on CUDA, see `resolve_dtype`); reward_model: the reward's model id, for the
+    rewards that load one model; reward_options: any other options of the reward, e.g.
+    '{"blip_model": "DIR"}' for complex. For complex, CompBench's route lists are read from the prompt
+    file's folder when it has them (`load_complex`). Prints the mean; `out` gets the settings and the
+    per-prompt scores as JSON.
     """
     from tqdm import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     reward = resolve_reward_name(model, reward)
-    options = {"model": reward_model} if reward_model else {}
-    reward_fn = load_reward(reward, device=device, dtype=dtype, **options)
+    options = evaluation_options(reward, prompts, reward_model, reward_options)
+    reward_fn = load_reward(reward, device=device, dtype=reward_dtype, **options)
     prompt_list = read_prompt_file(prompts, limit)
     pipe = load_pipeline(model, lora, device, resolve_dtype(device, dtype))
     sampling = {
@@ -1083,7 +1282,8 @@ def evaluate(
     print(f"{reward} on {len(results)} prompts x {images_per_prompt} images: mean {mean:.4f}")
     print(f"({elapsed:.0f} s)")
     if out:
-        settings = {"model": model, "lora": lora, "prompts": prompts, "reward": reward}
+        settings = {"model": model, "lora": lora, "prompts": prompts, "reward": reward, **options}
+        settings["reward_dtype"] = str(reward_dtype)
         settings.update(images_per_prompt=images_per_prompt, seed=seed, **sampling)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         document = {**settings, "mean": mean, "per_prompt": results}

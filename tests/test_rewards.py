@@ -232,6 +232,12 @@ def test_bad_inputs_and_dtype_give_clear_errors():
         rewards.resolve_dtype("cpu", "float33")
     assert rewards.resolve_dtype("cpu", None) == torch.float32
     assert rewards.resolve_dtype("cuda", None) == torch.bfloat16
+    # "original": the original scorer's precision on CUDA, float32 on the CPU
+    assert rewards.resolve_dtype("cuda", "original", original=torch.float16) == torch.float16
+    assert rewards.resolve_dtype("cuda", "original") == torch.float32
+    assert rewards.resolve_dtype("cpu", "original", original=torch.float16) == torch.float32
+    with pytest.raises(ValueError, match="has no option model; its options: quality, dtype"):
+        rewards.load_reward("jpeg_compressibility", model="x")
 
 
 def test_missing_local_weights_say_how_to_provide_them(tmp_path):
@@ -522,7 +528,13 @@ def test_relation_score_follows_compbench_rule():
     # "next to": close on either axis -> 1, else distance / max(|dx|, |dy|)
     assert rewards.relation_score("next to", left, right) == 1.0
     far = rewards.relation_score("near", box(0.1, 0.1), box(0.9, 0.9))
-    assert far == pytest.approx((150 / 512) / 0.8)
+    # CompBench's 150 px are on UniDet's 479 px input: 150/479 of the image side
+    assert far == pytest.approx((150 / 479) / 0.8)
+    near = rewards.relation_score("near", box(0.2, 0.2), box(0.2 + 0.31, 0.2 + 0.31))
+    assert near == 1.0  # 0.31 < 150/479 = 0.313 (it would be > 150/512 = 0.293)
+    # strict: CompBench's "on top of" has no rule and scores no position
+    assert rewards.relation_score("on top of", up, down, strict=True) == 0.0
+    assert rewards.relation_score("on the top of", up, down, strict=True) == 1.0
 
 
 def test_spatial_rule_combination_and_threshold():
@@ -533,6 +545,51 @@ def test_spatial_rule_combination_and_threshold():
     )
     assert rewards.spatial_rule("on the right of", [(0.8, left), (0.6, right)]) == 0.0  # 0.35 < 0.5
     assert rewards.spatial_rule("on the left of", [(0.9, left), None]) == 0.0  # 0.225 < 0.5
+
+
+def corners(*centres: tuple[float, float], half: float = 0.1) -> torch.Tensor:
+    return torch.stack([box(cx, cy, half) for cx, cy in centres])
+
+
+def test_two_objects_are_two_detections():
+    """An image with one object: both queries' best patch is that object; it must count only once."""
+    # patches 0 and 1 cover the same dog (IoU 0.68), patch 2 is background far away
+    boxes = torch.cat([corners((0.2, 0.2)), corners((0.22, 0.2)), corners((0.9, 0.9))])
+    confidence = torch.tensor([[0.9, 0.6], [0.8, 0.5], [0.05, 0.2]])  # (P, 2): "dog", "cat"
+    dog, cat = rewards.two_detections(boxes, confidence, 0.1, [True, True])
+    assert dog[0] == pytest.approx(0.9) and torch.equal(dog[1], boxes[0])
+    assert cat[0] == pytest.approx(0.2) and torch.equal(cat[1], boxes[2])  # not the dog's box
+    # one box for both would score 0.25 * 0.9 + 0.25 * 0.6 + 0.5 = 0.875 on "next to"; now 0
+    assert rewards.spatial_rule("next to", [dog, cat]) == 0.0
+    assert rewards.two_detections(boxes, confidence, 0.3, [True, True])[1] is None
+    # the more confident query chooses first, whichever of the two it is
+    swapped = rewards.two_detections(boxes, confidence.flip(1), 0.1, [True, True])
+    assert swapped[1][0] == pytest.approx(0.9) and swapped[0][0] == pytest.approx(0.2)
+    # strict mode: a query without a UniDet label is never found
+    assert rewards.two_detections(boxes, confidence, 0.1, [True, False])[1] is None
+
+
+def test_spatial_strict_labels(owl_dir, tmp_path):
+    prompts = ["a dog next to a cat", "a man next to a cat", "a dog next to a giraffe"]
+    images = random_images(3)
+    loose = rewards.load_reward("spatial", model=owl_dir, box_threshold=0.0)(images, prompts)
+    assert (loose > 0).all()
+    labels = tmp_path / "labels.txt"
+    labels.write_text("dog\ncat\nperson\n")
+    strict = rewards.load_reward("spatial", model=owl_dir, box_threshold=0.0, labels=str(labels))
+    scores = strict(images, prompts)
+    # "man" is UniDet's "person"; "giraffe" is no label: one object found -> 0.25 c < 0.5 -> 0
+    torch.testing.assert_close(scores[:2], loose[:2])
+    assert scores[2] == 0.0
+    torch.save(
+        {"labels": ["dog", "cat", "person"], "features": torch.zeros(3, 2)}, tmp_path / "f.pt"
+    )
+    from_pt = rewards.load_reward(
+        "spatial", model=owl_dir, box_threshold=0.0, labels=str(tmp_path / "f.pt")
+    )
+    torch.testing.assert_close(from_pt(images, prompts), scores)
+    with pytest.raises(FileNotFoundError, match="one UniDet label per line"):
+        rewards.load_reward("spatial", model=owl_dir, labels=str(tmp_path / "missing.txt"))
 
 
 def test_spatial_detector_path(owl_dir):
@@ -567,8 +624,59 @@ def test_clip_cosine_matches_clipmodel_forward(clip_dir):
     # logits_per_image = exp(logit_scale) * cos -> the diagonal pairs image i with prompt i
     expected = out.logits_per_image.diagonal() / net.logit_scale.exp()
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
-    clipscore = rewards.load_reward("clipscore", model=clip_dir)(images, PROMPTS)
+    clipscore = rewards.load_reward("clipscore", model=clip_dir, prefix="")(images, PROMPTS)
     torch.testing.assert_close(clipscore, 2.5 * scores.clamp(min=0))
+
+
+def test_clipscore_prefixes_a_photo_depicts(clip_dir):
+    images = random_images(2)
+    cosine = rewards.load_reward("non_spatial", model=clip_dir)
+    expected = 2.5 * cosine(images, ["A photo depicts a red car", "A photo depicts a dog"]).clamp(
+        min=0
+    )
+    clipscore = rewards.load_reward("clipscore", model=clip_dir)(images, ["a red car", "a dog"])
+    torch.testing.assert_close(clipscore, expected)
+
+
+def fake_scorer(values: dict[str, float], calls: list):
+    """A loader whose reward returns values[prompt] and records the prompts it was asked about."""
+
+    def loader(device="cpu", model=None, dtype=None):
+        def reward(images, prompts):
+            calls.append(list(prompts))
+            return torch.tensor([values[p] for p in prompts])
+
+        return reward
+
+    return loader
+
+
+def test_complex_routes_with_compbench_lists(tmp_path, monkeypatch):
+    """With the lists: spatial -> (a + s) / 2, action -> (a + c) / 2, neither -> (a + s + c) / 3."""
+    spatial_p = "The red cup was on the left of the blue bowl."
+    action_p = "The brown dog chased the white cat."
+    both_p = "The green car was parked next to the yellow house."
+    (tmp_path / "complex_val_spatial.txt").write_text(spatial_p + "\n")
+    (tmp_path / "complex_val_action.txt").write_text(action_p + "\n")
+    prompts = [spatial_p, action_p, both_p]
+    calls = {"a": [], "s": [], "c": []}
+    a = dict(zip(prompts, [0.2, 0.4, 0.6]))
+    s = dict(zip(prompts, [0.8, 0.0, 0.9]))
+    c = {rewards.without_attributes(p): v for p, v in zip(prompts, [0.0, 0.3, 0.15])}
+    monkeypatch.setattr(rewards, "load_blip_vqa", fake_scorer(a, calls["a"]))
+    monkeypatch.setattr(rewards, "load_spatial", fake_scorer(s, calls["s"]))
+    monkeypatch.setattr(rewards, "load_clip_cosine", fake_scorer(c, calls["c"]))
+    reward = rewards.load_reward("complex", lists=str(tmp_path))
+    scores = reward(random_images(3), prompts)
+    expected = torch.tensor([(0.2 + 0.8) / 2, (0.4 + 0.3) / 2, (0.6 + 0.9 + 0.15) / 3])
+    torch.testing.assert_close(scores, expected)
+    # only the branches a prompt needs are computed
+    assert calls["s"] == [[spatial_p, both_p]]
+    assert calls["c"] == [[rewards.without_attributes(p) for p in (action_p, both_p)]]
+    # without the lists: relation word -> spatial, else action; never 3-way
+    assert [rewards.complex_route(p, None) for p in prompts] == ["spatial", "action", "spatial"]
+    with pytest.raises(FileNotFoundError, match="complex_\\*_spatial.txt"):
+        rewards.load_reward("complex", lists=str(tmp_path / "nowhere"))
 
 
 def test_complex_averages_attribute_with_spatial_or_action(blip_dir, owl_dir, clip_dir):
