@@ -86,6 +86,7 @@ def test_evaluate_command_end_to_end(tiny_sd, prompt_file, tmp_path):
     assert all(len(r["scores"]) == 2 and max(r["scores"]) < 0 for r in result["per_prompt"])
     means = [sum(r["scores"]) / 2 for r in result["per_prompt"]]
     assert result["mean"] == pytest.approx(sum(means) / 2)
+    assert result["reward_dtype"] == "original"  # evaluation scores at the originals' precision
     # the same command in-process gives the same numbers: seeds are fixed per prompt
     same = rewards.evaluate(
         str(prompt_file),
@@ -112,6 +113,28 @@ def test_evaluate_with_lora_changes_the_images(tiny_sd, prompt_file, tmp_path):
     tuned_scores = [r["scores"] for r in json.loads(tuned.read_text())["per_prompt"]]
     assert base_scores != tuned_scores
     assert json.loads(tuned.read_text())["lora"] == str(lora)
+
+
+@pytest.mark.parametrize("reward", ["complex", "jpeg_compressibility", "shapes_color"])
+def test_reward_model_only_where_it_means_something(reward, tiny_sd, prompt_file):
+    """--reward_model used to raise a TypeError deep in the loader for rewards without one model."""
+    with pytest.raises(ValueError, match="--reward_model does not apply to reward"):
+        rewards.evaluate(str(prompt_file), reward, str(tiny_sd), device="cpu", reward_model="DIR")
+
+
+def test_evaluation_options(tmp_path, capsys):
+    prompts = tmp_path / "complex_val.txt"
+    prompts.write_text("The red cup was on the left of the blue bowl.\n")
+    assert rewards.evaluation_options("color", str(prompts), "DIR", None) == {"model": "DIR"}
+    # complex: CompBench's route lists are used when the prompt file's folder has them
+    assert rewards.evaluation_options("complex", str(prompts), None, None) == {}
+    (tmp_path / "complex_val_spatial.txt").write_text(
+        "The red cup was on the left of the blue bowl.\n"
+    )
+    options = {"blip_model": "B"}
+    expected = {"blip_model": "B", "lists": str(tmp_path)}
+    assert rewards.evaluation_options("complex", str(prompts), None, options) == expected
+    assert "routing prompts with CompBench's lists" in capsys.readouterr().out
 
 
 def test_evaluate_rejects_an_empty_prompt_file(tiny_sd, tmp_path):
