@@ -178,7 +178,7 @@ def from_pretrained(cls, model: str, **kwargs):
     if os.path.isdir(model):
         kwargs["local_files_only"] = True
     try:
-        return cls.from_pretrained(model, **kwargs)
+        loaded = cls.from_pretrained(model, **kwargs)
     except (
         OSError,
         ValueError,
@@ -188,6 +188,20 @@ def from_pretrained(cls, model: str, **kwargs):
             f"download them elsewhere (e.g. `huggingface-cli download {model} --local-dir DIR`) and pass "
             f"the folder as the model option (model=DIR), or point HF_HOME at a cache that holds them."
         ) from error
+    check_loaded_dtype(cls.__name__, loaded, kwargs.get("dtype"))
+    return loaded
+
+
+def check_loaded_dtype(name: str, loaded, dtype: torch.dtype | None) -> None:
+    """transformers < 4.56 ignores `dtype=` (it read `torch_dtype=`): fail instead of mixing precisions."""
+    if dtype is not None and getattr(loaded, "dtype", dtype) != dtype:
+        import transformers
+
+        raise RuntimeError(
+            f"{name}.from_pretrained loaded {loaded.dtype} weights when asked for {dtype}: "
+            f"transformers {transformers.__version__} ignores dtype=. rewards.py needs "
+            "transformers>=4.56: pip install -U 'transformers>=4.56'"
+        )
 
 
 def model_pixels(
@@ -1195,7 +1209,7 @@ def load_pipeline(model: str, lora: str | None, device: str, dtype: torch.dtype)
     local = {"local_files_only": True} if os.path.isdir(model) else {}
     pipe = StableDiffusionPipeline.from_pretrained(
         model,
-        dtype=dtype,
+        **diffusers_dtype_option(dtype),
         safety_checker=None,
         requires_safety_checker=False,
         **local,
@@ -1205,6 +1219,16 @@ def load_pipeline(model: str, lora: str | None, device: str, dtype: torch.dtype)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def diffusers_dtype_option(dtype: torch.dtype) -> dict:
+    """diffusers >= 0.40 takes `dtype=` (`torch_dtype=` is deprecated); older ones take `torch_dtype=`
+    and silently ignore `dtype=` (the pipeline then stays in float32)."""
+    import diffusers
+    from packaging.version import Version
+
+    new = Version(diffusers.__version__) >= Version("0.40")
+    return {"dtype" if new else "torch_dtype": dtype}
 
 
 def read_prompt_file(path: str, limit: int | None = None) -> list[str]:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import rewards  # noqa: E402
+import rewards
 
 
 def rule_splitter(path: str | None) -> Callable[[str], list[str]]:
@@ -54,7 +54,9 @@ def agreement(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", required=True, help="folder of CompBench's <category>_<split>.txt")
+    parser.add_argument(
+        "--prompts", required=True, help="folder of CompBench's <category>_<split>.txt"
+    )
     parser.add_argument("--categories", nargs="+", default=["color", "shape", "texture", "complex"])
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--spacy_model", default="en_core_web_sm", help="spaCy pipeline name")
@@ -65,7 +67,9 @@ def main() -> None:
     for category in args.categories:
         prompts = rewards.load_prompts(args.prompts, category, args.split)
         equal, differ = agreement(prompts, split, args.spacy_model)
-        print(f"{category}_{args.split}: {equal}/{len(prompts)} = {100 * equal / len(prompts):.1f}%")
+        print(
+            f"{category}_{args.split}: {equal}/{len(prompts)} = {100 * equal / len(prompts):.1f}%"
+        )
         for prompt, theirs, ours in differ[: args.show]:
             print(f"    {prompt!r}\n        spaCy: {theirs}\n        rules: {ours}")
 

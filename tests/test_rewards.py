@@ -53,7 +53,11 @@ def save_blip(folder: Path) -> Path:
         BlipForQuestionAnswering,
         BlipProcessor,
     )
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    try:  # transformers 5 names the PIL processors *Pil; 4.x has only the PIL one
+        from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    except ImportError:
+        from transformers import BlipImageProcessor as BlipImageProcessorPil
 
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "[DEC]", "[ENC]"]
     tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, bos_token="[DEC]")
@@ -101,7 +105,11 @@ def save_clip_tokenizer(folder: Path):
 def save_clip(folder: Path, projection_dim: int = 16) -> Path:
     """CLIPModel + CLIPProcessor (resize 40 px short side, centre-crop 32 px)."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    except ImportError:
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
     tokenizer = save_clip_tokenizer(folder / "tokenizer")
     text = dict(
@@ -125,9 +133,11 @@ def save_clip(folder: Path, projection_dim: int = 16) -> Path:
 def save_owlv2(folder: Path) -> Path:
     """Owlv2ForObjectDetection + Owlv2Processor (32 px, 4x4 patches = 16 candidate boxes)."""
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2Processor
-    from transformers.models.owlv2.image_processing_pil_owlv2 import (
-        Owlv2ImageProcessorPil,
-    )
+
+    try:
+        from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
+    except ImportError:
+        from transformers import Owlv2ImageProcessor as Owlv2ImageProcessorPil
 
     tokenizer = save_clip_tokenizer(folder / "tokenizer")
     text = dict(
@@ -238,6 +248,31 @@ def test_bad_inputs_and_dtype_give_clear_errors():
     assert rewards.resolve_dtype("cpu", "original", original=torch.float16) == torch.float32
     with pytest.raises(ValueError, match="has no option model; its options: quality, dtype"):
         rewards.load_reward("jpeg_compressibility", model="x")
+
+
+def test_an_ignored_dtype_is_an_error():
+    """transformers < 4.56 ignores dtype= and loads float32: bf16 inputs would meet fp32 weights."""
+
+    class Loaded:
+        dtype = torch.float32
+
+    class OldLibrary:
+        @staticmethod
+        def from_pretrained(model, **kwargs):
+            return Loaded()
+
+    with pytest.raises(RuntimeError, match="needs transformers>=4.56"):
+        rewards.from_pretrained(OldLibrary, "some/model", dtype=torch.bfloat16)
+    assert isinstance(rewards.from_pretrained(OldLibrary, "m", dtype=torch.float32), Loaded)
+
+
+def test_pipeline_dtype_keyword_follows_the_diffusers_version(monkeypatch):
+    import diffusers
+
+    monkeypatch.setattr(diffusers, "__version__", "0.31.0")
+    assert rewards.diffusers_dtype_option(torch.float16) == {"torch_dtype": torch.float16}
+    monkeypatch.setattr(diffusers, "__version__", "0.42.1")
+    assert rewards.diffusers_dtype_option(torch.float16) == {"dtype": torch.float16}
 
 
 def test_missing_local_weights_say_how_to_provide_them(tmp_path):
