@@ -482,9 +482,9 @@ def split_noun_phrases(prompt: str) -> list[str]:
 def spacy_noun_phrases(prompt: str, model: str = "en_core_web_sm") -> list[str]:
     """CompBench's own splitter: spaCy noun chunks, less its dropped chunks (optional dependency)."""
     try:
-        import spacy
-
         if model not in SPACY:
+            import spacy
+
             SPACY[model] = spacy.load(model)
     except (ImportError, OSError) as error:
         raise RuntimeError(

@@ -60,7 +60,10 @@ def save_blip(folder: Path) -> Path:
         from transformers import BlipImageProcessor as BlipImageProcessorPil
 
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "[DEC]", "[ENC]"]
-    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, bos_token="[DEC]")
+    (folder / "vocab").mkdir(parents=True, exist_ok=True)
+    (folder / "vocab" / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    # from a vocab.txt, as transformers 4.x and 5.x both read it
+    tokenizer = BertTokenizer.from_pretrained(folder / "vocab", bos_token="[DEC]")
     image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
     text = dict(
         vocab_size=len(tokens),
