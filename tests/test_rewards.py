@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -805,3 +806,29 @@ def test_load_prompts(tmp_path):
         rewards.load_prompts(tmp_path, "shape", "train")
     with pytest.raises(ValueError, match="split must be"):
         rewards.load_prompts(tmp_path, "color", "test")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The prepared real-weights check runs end to end (here on the small random BLIP)
+# ----------------------------------------------------------------------------------------------------
+def test_blip_size_check_script_runs(blip_dir, tmp_path):
+    from PIL import Image
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    prompts = ["a red car", "a green bench and a red car", "a round clock"]
+    for index, prompt in enumerate(prompts):
+        array = (random_images(1, 40, seed=index)[0] * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(samples / f"{prompt}_{index}.png")
+    answers = [{"question_id": k, "answer": f"{0.3 * k:.4f}"} for k in range(3)]
+    (tmp_path / "vqa_result.json").write_text(json.dumps(answers))
+    command = [sys.executable, "scripts/blip_size_check.py", "--samples", str(samples)]
+    command += ["--compbench", str(tmp_path / "vqa_result.json"), "--blip_model", blip_dir]
+    command += ["--splitter", "rules", "--sizes", "32", "48", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "3 images; CompBench's mean 0.3000" in run.stdout
+    assert "32 px: mean" in run.stdout and "48 px: mean" in run.stdout
