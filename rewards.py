@@ -343,9 +343,8 @@ LINKING_VERBS = words(
     "is are was were be been being am look looks looked seem seems seemed appear appears appeared "
     "become becomes became feel feels felt remain remains remained"
 )
-AUXILIARIES = LINKING_VERBS | words(
-    "has have had do does did can could will would should may might must"
-)
+MODALS = words("can could will would should may might must")
+AUXILIARIES = LINKING_VERBS | MODALS | words("has have had do does did")
 PRONOUNS = words("it he she they we you i him them us who which whom")
 ADVERBS = words(
     "down up out away together back here there also just not only still even almost "
@@ -414,19 +413,24 @@ def word_role(words: list[str], i: int, previous: str) -> str:
         return "pron"
     if word in DETERMINERS:
         return "det"
+    ends_phrase = after in CLOSED_CLASS or after in ("", ",") or is_adverb(after)
     if word in ADVERBS and previous == "det":
         return "content"  # "the back of"
+    if word in MODALS and ends_phrase:
+        return "content"  # "a soda can", "a can of soup"; but "the dog can jump"
     if word in CLOSED_CLASS or is_adverb(word):
         return "break"
-    ends_phrase = after in CLOSED_CLASS or after in ("", ",") or is_adverb(after)
     if word.endswith(("ed", "ing")) and is_verb_form(word) and ends_phrase:
         # "a man sitting on", "neatly arranged in": verbs
         return "content" if before in DETERMINERS | MODIFIERS else "break"
     if word.endswith("ing"):
         return "content"  # "the dining room", "a cutting board"
-    verb_after_noun = is_verb_form(word) or after in DETERMINERS  # a noun never precedes "the"
-    if verb_after_noun and (follows_noun or previous == "pron" or before in AUXILIARIES):
+    # a noun never precedes "the"; a verb form ending the prompt is a noun ("a trophy stand")
+    verb_after_noun = (is_verb_form(word) and after != "") or after in DETERMINERS
+    if verb_after_noun and (follows_noun or previous == "pron"):
         return "break"
+    if before in AUXILIARIES and word not in MODIFIERS:
+        return "break"  # "can jump", "was hung"
     return "content"
 
 
@@ -691,7 +695,7 @@ def parse_spatial_prompt(prompt: str) -> tuple[str, str, str] | None:
     for relation in SPATIAL_RELATIONS:
         match = re.search(rf"\b{relation}\b", text)
         if match:
-            before = objects(text[: match.start()])
+            before = objects(text[: match.end()])  # with the relation, so "lay next to" is a verb
             after = objects(text[match.end() :])
             if before and after:
                 return head_noun(before[-1]), relation, head_noun(after[0])

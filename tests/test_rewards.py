@@ -360,6 +360,11 @@ def test_jpeg_size_matches_pil_and_signs():
         ("The small brown puppy sleeping on the rug", ["the small brown puppy", "the rug"]),
         ("A grey kettle parked beside a white mug.", ["a grey kettle", "a white mug"]),
         ("The round clock was mounted on the white wall.", ["the round clock", "the white wall"]),
+        # a verb form or modal that ends the phrase is a noun: "a soda can", "a trophy stand"
+        ("a cubic box and a cylindrical soda can", ["a cubic box", "a cylindrical soda can"]),
+        ("a round vase and a square plant stand", ["a round vase", "a square plant stand"]),
+        ("a can of soup", ["a can", "soup"]),
+        ("the dog can jump over the fence", ["the dog", "the fence"]),
         # participles and gerunds that modify a noun stay in its phrase
         ("a cutting board and the dining table", ["a cutting board", "the dining table"]),
         (
