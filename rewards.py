@@ -82,8 +82,8 @@ Known gaps with T2I-CompBench's original code, and how they are handled
    `rewards.py evaluate` when the prompt file's folder has the lists) routes exactly so. Without the
    lists a prompt with a relation word is routed spatial and any other action, never 3-way: of the
    300 complex_val prompts that routes 102 spatial (the lists' 58 spatial and 30 three-way, and 14
-   they route action) and 198 action (all action in the lists too). Only the branches a prompt needs are computed. Adjectives are removed by a
-   word list, not by spaCy's tagger.
+   they route action) and 198 action (all action in the lists too). Only the branches a prompt needs
+   are computed. Adjectives are removed by a word list, not by spaCy's tagger.
 """
 
 from __future__ import annotations
