@@ -66,7 +66,8 @@ Metrics (per epoch): images_seen; reward_mean / reward_std of the rollout (all r
 eval_reward_mean, the held-out mean with fixed noise (null when not evaluated); over every trained
 (sample, step): approx_kl = mean 0.5 (log rho_t)^2, clipfrac = share with |rho_t - 1| > eps,
 ratio_mean = mean rho_t; grad_norm = LoRA gradient norm before clipping (mean over updates);
-kl = the KL penalty term (null when --kl_coef 0); seconds = wall time of the epoch.
+kl = the KL penalty term (null when --kl_coef 0); seconds = wall time of the epoch's rollout,
+updates and saving; eval_seconds = wall time of its held-out evaluation (null when none).
 """
 
 from __future__ import annotations
@@ -135,16 +136,16 @@ class Config:
     """LoRA rank r (alpha = r)"""
     lora_modules: str = "to_k,to_q,to_v,to_out.0"
     """comma-separated UNet module names that get LoRA (attn2.to_k: cross-attention only)"""
-    epochs: int = 56
+    epochs: int = 48
     """epochs; one epoch = one rollout of images_per_epoch images and its updates"""
     images_per_epoch: int = 32
     """B*K*ranks, images per rollout (fixed for equal-budget comparisons)"""
-    num_steps: int = 10
+    num_steps: int = 6
     """T, DDIM steps per image"""
     eta: float = 1.0
     """eta, DDIM stochasticity (> 0: the policy must be stochastic)"""
-    guidance_scale: float = 5.0
-    """w, classifier-free guidance scale"""
+    guidance_scale: float = 3.0
+    """w, classifier-free guidance scale (<= 1: no guidance, one UNet pass per step)"""
     clip_range: float = 1e-4
     """eps, PPO clip range on rho_t (for mean-reduced log-probs, Deviation 1)"""
     adv_clip: float = 5.0
@@ -167,7 +168,7 @@ class Config:
     """beta, KL penalty to the base model (the LoRA adapter switched off); 0 = the paper"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    eval_every: int = 28
+    eval_every: int = 24
     """score the held-out prompts every this many epochs (and before training and at the end)"""
     seed: int = 0
     """seed of the LoRA init, the prompts and the sampling noise"""
@@ -304,6 +305,8 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 def guided_noise_prediction(unet, x_t, t, cond, uncond, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance in one batched UNet call: (N, C, h, w) -> (N, C, h, w)"""
+    if guidance_scale <= 1:  # as diffusers: no guidance, eps_hat = eps(x_t, c), half the cost
+        return unet(x_t.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
     latent_in = torch.cat([x_t, x_t]).to(unet.dtype)  # (2N, C, h, w)
     uncond = uncond.expand(len(cond), -1, -1)  # (1, L, D) -> (N, L, D)
     embeds = torch.cat([uncond, cond]).to(unet.dtype)  # (2N, L, D)
@@ -909,10 +912,12 @@ def start_run(run: Path, cfg: Config, models, policy, prompts, reward_fn, optimi
     (run / "metrics.jsonl").unlink(missing_ok=True)
     config = json.dumps(dataclasses.asdict(cfg), indent=2)
     atomic_write(run / "config.json", lambda tmp: tmp.write_text(config))
+    tic = time.time()
     reward, images = evaluate(models, policy, prompts, reward_fn, micro, show=True)
     save_grid(held_out_path(run, 0), images, prompts, reward)
     row = {"epoch": 0, "images_seen": 0, "reward_mean": None, "reward_std": None}
-    row |= {"eval_reward_mean": reward.mean().item(), **dict.fromkeys(STAT_KEYS), "seconds": 0.0}
+    row |= {"eval_reward_mean": reward.mean().item(), "eval_seconds": time.time() - tic}
+    row |= {**dict.fromkeys(STAT_KEYS), "seconds": 0.0}
     append_metrics(run, row)
     save_checkpoint(run, models.unet, optimizer, ema, 0)  # from here on, --resume always works
     return row["eval_reward_mean"]
@@ -1017,20 +1022,24 @@ def main(cfg: Config) -> Path:
         # Log, evaluate, save: rank 0 writes, the checkpoint last.
         reward_mean, reward_std = mean_and_std_over_ranks(reward, device)
         row = {"epoch": epoch + 1, "images_seen": (epoch + 1) * cfg.images_per_epoch}
-        row |= {"reward_mean": reward_mean, "reward_std": reward_std, "eval_reward_mean": None}
+        row |= {"reward_mean": reward_mean, "reward_std": reward_std}
+        row |= {"eval_reward_mean": None, "eval_seconds": None}
         row |= stats
         if show:
             train_grid = run / "samples" / f"train_epoch_{epoch + 1:04d}.png"
             save_grid(train_grid, batch.images[:16], prompts[:16], reward[:16])
             with swapped_in(params, ema):
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    eval_tic = time.time()
                     eval_reward, images = evaluate(
                         models, policy, eval_prompts, reward_fn, micro, show
                     )
                     save_grid(held_out_path(run, epoch + 1), images, eval_prompts, eval_reward)
                     row["eval_reward_mean"] = eval_reward.mean().item()
+                    row["eval_seconds"] = time.time() - eval_tic
                 save_lora(models.unet, run / "lora")
-            append_metrics(run, row | {"seconds": time.time() - tic})
+            seconds = time.time() - tic - (row["eval_seconds"] or 0)
+            append_metrics(run, row | {"seconds": seconds})
             save_checkpoint(run, models.unet, optimizer, ema, epoch + 1)
             tqdm.write(
                 f"epoch {epoch + 1}: reward {reward_mean:.4f} clipfrac "

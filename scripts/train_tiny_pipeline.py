@@ -59,7 +59,12 @@ SAMPLER = {
     "num_inference_steps": 10,
     "guidance_scale": 5.0,
     "eta": 1.0,
-}  # loop.py's default sampler
+}  # the sampler the model was calibrated and picked with (loop.py's default until 2026-12)
+RL_SAMPLER = {
+    "num_inference_steps": 6,
+    "guidance_scale": 3.0,
+    "eta": 1.0,
+}  # loop.py's default policy since 2026-12 (fewer, cheaper steps): calibrated as well
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,7 +324,7 @@ def save_pipeline(folder: str, vae, unet, text_encoder, tokenizer) -> None:
 
 
 @torch.no_grad()
-def calibrate(folder: str, seeds: int = 2) -> dict:
+def calibrate(folder: str, seeds: int = 2, sampler: dict = SAMPLER) -> dict:
     """Exact-judge scores of a saved pipeline: held-out two-object color prompts and single objects."""
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
@@ -334,7 +339,7 @@ def calibrate(folder: str, seeds: int = 2) -> dict:
         prompts = prompts * seeds
         generator = torch.Generator().manual_seed(0)
         images = pipe(
-            prompts, generator=generator, output_type="pt", **SAMPLER
+            prompts, generator=generator, output_type="pt", **sampler
         ).images  # (N, 3, 64, 64)
         scores = W.score(images, prompts, category)
         result[name] = scores.mean().item()
@@ -472,11 +477,12 @@ def main(
         if os.path.isdir(os.path.join(out, "decoder")):
             shutil.rmtree(os.path.join(ship_to, "vae"))
             shutil.copytree(os.path.join(out, "decoder"), os.path.join(ship_to, "vae"))
-        scores = calibrate(ship_to)
+        scores, rl_scores = calibrate(ship_to), calibrate(ship_to, sampler=RL_SAMPLER)
         marker = os.path.join(ship_to, "shapes_world.json")
         with open(marker) as f:
             info = json.load(f)
         info.update(step=int(ship.split("_")[-1]), calibration={**SAMPLER, **scores})
+        info.update(calibration_rl={**RL_SAMPLER, **rl_scores})
         with open(marker, "w") as f:
             json.dump(info, f, indent=1)
         log({"stage": "shipped", "snapshot": ship, **scores})

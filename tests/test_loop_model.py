@@ -50,6 +50,24 @@ def fresh_rollout(models, cfg, n_prompts=2):
     return policy, batch, reward
 
 
+def test_no_guidance_runs_only_the_conditional_model(tiny_model):
+    """w <= 1 (as diffusers): eps_hat = eps(x_t, c), one UNet pass of N latents instead of 2N."""
+    models = load(tiny_model)
+    perturb_lora(models)
+    seen = []
+    hook = models.unet.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+    x_t = torch.randn(3, *models.latent_shape, generator=torch.Generator().manual_seed(0))
+    cond = loop.encode_prompts(models.tokenizer, models.text_encoder, PROMPTS[:3])
+    t = torch.tensor(500)
+    eps_hat = loop.guided_noise_prediction(models.unet, x_t, t, cond, models.uncond, 1.0)
+    hook.remove()
+    assert seen == [3]
+    eps_cond = models.unet(x_t, t, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(eps_hat, eps_cond, atol=0, rtol=0)
+    guided = loop.guided_noise_prediction(models.unet, x_t, t, cond, models.uncond, 1.5)
+    assert (guided - eps_cond).abs().max() > 1e-4  # w > 1 does guide: the test can fail
+
+
 @pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_model_v"])
 def test_rescoring_a_fresh_rollout_gives_ratio_one(model_fixture, request):
     """PITFALLS #2: same batch composition, fp32 latents, same CFG path -> rho_t == 1."""
@@ -182,7 +200,7 @@ def run_main(tmp_path, tiny_model, name, monkeypatch=None, **overrides):
 def metrics(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
-        row.pop("seconds")
+        row.pop("seconds"), row.pop("eval_seconds")
     return rows
 
 
@@ -271,8 +289,9 @@ def test_nan_reward_stops_and_names_the_prompt(tmp_path, tiny_model, monkeypatch
     assert loop.load_checkpoint(run, models.unet, torch.optim.AdamW(params), ema) == 0
 
 
+@pytest.mark.parametrize("guidance_scale", [3.0, 1.0])  # 1.0: no unconditional pass, as diffusers
 def test_saved_lora_loads_in_stock_diffusers_and_reproduces_images(
-    tmp_path, tiny_model, monkeypatch
+    tmp_path, tiny_model, monkeypatch, guidance_scale
 ):
     """StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run/lora) == the trained policy."""
     from diffusers import StableDiffusionPipeline
@@ -287,7 +306,7 @@ def test_saved_lora_loads_in_stock_diffusers_and_reproduces_images(
     monkeypatch.setattr(loop, "load_models", spy)
     run = run_main(tmp_path, tiny_model, "run", algo="reinforce", lr=0.05, eval_every=5)
     models = captured["models"]
-    cfg = loop.Config(num_steps=3, guidance_scale=3.0)
+    cfg = loop.Config(num_steps=3, guidance_scale=guidance_scale)
     policy = loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
     prompts, shape = PROMPTS[:3], (3, *models.latent_shape)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(5))
@@ -308,7 +327,7 @@ def test_saved_lora_loads_in_stock_diffusers_and_reproduces_images(
         return pipe(
             prompts,
             num_inference_steps=3,
-            guidance_scale=3.0,
+            guidance_scale=guidance_scale,
             eta=cfg.eta,
             latents=x_T.clone(),
             generator=torch.Generator().manual_seed(6),
