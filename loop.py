@@ -815,6 +815,13 @@ def resolve_reward_and_prompts(cfg: Config, model_path: str):
     return reward, train_prompts, held_out_prompts
 
 
+def reward_options(reward: str, prompt_dir: str) -> dict:
+    """complex, with CompBench's route lists in --prompt_dir: route its prompts as the original."""
+    if reward == "complex" and prompt_dir and any(Path(prompt_dir).glob("complex_*_spatial.txt")):
+        return {"lists": prompt_dir}
+    return {}
+
+
 def check_config(cfg: Config, world: int) -> dict:
     """Reject bad input with one clear line; return the derived sizes printed at start-up."""
     choices = {"algo": ALGOS, "normalize_advantage": NORMALIZATIONS, "mixed_precision": PRECISIONS}
@@ -977,7 +984,8 @@ def main(cfg: Config) -> Path:
     models = load_models(
         model_path, device, weight_dtype, cfg.lora_rank, cfg.seed, cfg.lora_modules
     )
-    reward_fn = rewards.load_reward(reward_name, device=device)
+    options = reward_options(reward_name, cfg.prompt_dir)
+    reward_fn = rewards.load_reward(reward_name, device=device, **options)
     policy = make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
     steps = check_trained_steps(policy.schedule, cfg)
     params = lora_parameters(models.unet)

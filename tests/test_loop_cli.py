@@ -256,6 +256,17 @@ def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, ca
         loop.resolve_reward_and_prompts(loop.Config(reward="color"), str(plain))
 
 
+def test_complex_reward_reads_compbench_route_lists(tmp_path):
+    """--reward complex --prompt_dir DIR routes prompts with DIR's complex_*_spatial/action lists."""
+    folder = tmp_path / "compbench"
+    write_prompts(folder / "complex_train.txt", ["a cat sat on a mat"])
+    assert loop.reward_options("complex", str(folder)) == {}  # no lists: relation words route
+    write_prompts(folder / "complex_val_spatial.txt", ["a cat sat on a mat"])
+    assert loop.reward_options("complex", str(folder)) == {"lists": str(folder)}
+    assert loop.reward_options("color", str(folder)) == {}
+    assert loop.reward_options("complex", "") == {}
+
+
 def test_help_lists_every_flag():
     result = subprocess.run(
         [sys.executable, LOOP, "--help"],
