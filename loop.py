@@ -144,7 +144,7 @@ class Config:
     """T, DDIM steps per image"""
     eta: float = 1.0
     """eta, DDIM stochasticity (> 0: the policy must be stochastic)"""
-    guidance_scale: float = 3.0
+    guidance_scale: float = 5.0
     """w, classifier-free guidance scale (<= 1: no guidance, one UNet pass per step)"""
     clip_range: float = 1e-4
     """eps, PPO clip range on rho_t (for mean-reduced log-probs, Deviation 1)"""

@@ -62,7 +62,7 @@ SAMPLER = {
 }  # the sampler the model was calibrated and picked with (loop.py's default until 2026-12)
 RL_SAMPLER = {
     "num_inference_steps": 6,
-    "guidance_scale": 3.0,
+    "guidance_scale": 5.0,
     "eta": 1.0,
 }  # loop.py's default policy since 2026-12 (fewer, cheaper steps): calibrated as well
 
