@@ -359,11 +359,19 @@ VERB_FORMS = words(
     "spin spins spun lit strike strikes struck beat beats sends sent shook sped spread adds "
     "features wears leans sleeps floats plays perches drifts awaits reaches stirs bounces slides "
     "illuminates opens covers contains reflects catches chases eats drinks walks jumps swims "
-    "carries holds provides displays serves overlooks surrounds faces "
-    # base forms after a plural subject ("the spoon and bowl mix the batter")
+    "carries holds provides displays serves overlooks surrounds faces told"
+)
+# Base forms after a plural subject ("the spoon and bowl mix the batter") or "to" ("a place to rest").
+BASE_VERBS = words(
     "mix stir add display provide complement reflect decorate support accompany protect secure "
     "remove clean await drift float play glide clink click simmer tighten dig gleam"
 )
+VERB_FORMS |= BASE_VERBS
+SINGULAR_DETERMINERS = words("a an each every another this")
+# Prepositions that take a gerund: "for serving snacks" ("of shimmering lights" is an adjective).
+GERUND_PREPOSITIONS = words("for by after before without while")
+# Verbs of position take an adjective as their predicate: "stood tall", "sat empty", "hung low".
+POSITION_VERBS = words("stand stands stood sit sits sat lie lies lay rest rests hang hangs hung")
 # Words with a verb's ending that are nouns (or adjectives) in CompBench's prompts.
 NOT_VERBS = words(
     "bed shed sled seed reed weed speed breed steed need feed red ring king wing thing string spring "
@@ -384,19 +392,51 @@ NOT_OBJECTS = words("top side left right bottom")  # "the left" of "on the left 
 
 def is_verb_form(word: str) -> bool:
     """A verb's form: a listed verb, or an -ed / -ing word that is not a listed noun."""
-    if word in NOT_VERBS or len(word) < 5:
+    if word in NOT_VERBS or (len(word) < 5 and not word.endswith("ied")):  # "tied"
         return word in VERB_FORMS
     return word in VERB_FORMS or word.endswith(("ed", "ing"))
+
+
+def is_base_verb(word: str) -> bool:
+    """A verb's base form: listed, or a listed verb whose -s form is listed ("sit": "sits")."""
+    return word in BASE_VERBS or (word in VERB_FORMS and f"{word}s" in VERB_FORMS)
 
 
 def is_adverb(word: str) -> bool:
     return word in ADVERBS or (word.endswith("ly") and len(word) > 4 and word not in LY_WORDS)
 
 
+# Endings of English adjectives ("functional", "majestic", "decorative", "tangy", "dazzling", ...).
+ADJECTIVE_ENDINGS = (
+    "al",
+    "ic",
+    "ive",
+    "ous",
+    "ful",
+    "less",
+    "ible",
+    "ish",
+    "ant",
+    "ent",
+    "y",
+    "ed",
+    "ing",
+)
+NOUN_ENDINGS = ("ity", "ry", "ey")  # "creativity", "berry", "turkey": -y nouns
+
+
+def looks_adjective(word: str) -> bool:
+    """A listed adjective, or a longer word with an adjective's ending (a guess: "metal" passes too)."""
+    if word in MODIFIERS:
+        return True
+    return len(word) > 3 and word.endswith(ADJECTIVE_ENDINGS) and not word.endswith(NOUN_ENDINGS)
+
+
 def word_role(words: list[str], i: int, previous: str) -> str:
     """The role of words[i] in noun-phrase splitting: "det", "content", "pron" or "break".
 
-    previous: the role of words[i - 1] ("" at the start; "join" for "and" / ",")
+    previous: the role of words[i - 1] ("" at the start; "join" for "and" / "," between phrases,
+    "list" for "and" / "," inside a list of attributes)
 
     Context decides the ambiguous cases: a verb form ends a phrase when it follows a noun or a
     pronoun ("the cat sat on", "the vase looked"), but is a modifier after a determiner or an
@@ -405,8 +445,15 @@ def word_role(words: list[str], i: int, previous: str) -> str:
     """
     word = words[i]
     before = words[i - 1] if i > 0 else ""
+    before2 = words[i - 2] if i > 1 else ""
     after = words[i + 1] if i + 1 < len(words) else ""
-    follows_noun = previous == "content" and before not in MODIFIERS
+    after2 = words[i + 2] if i + 2 < len(words) else ""
+    follows_noun = previous == "content" and before not in MODIFIERS and not is_adverb(before)
+    if (word, after) in (("each", "other"), ("one", "another")) or (before, word) in (
+        ("each", "other"),
+        ("one", "another"),
+    ):
+        return "break"  # reciprocal pronouns name no object
     if word in ("that", "which", "who") and (follows_noun or before == ","):
         return "pron"
     if word in PRONOUNS:
@@ -416,33 +463,66 @@ def word_role(words: list[str], i: int, previous: str) -> str:
     ends_phrase = after in CLOSED_CLASS or after in ("", ",") or is_adverb(after)
     if word in ADVERBS and previous == "det":
         return "content"  # "the back of"
+    participle = after.endswith("ed") or (after in VERB_FORMS and not is_base_verb(after))
+    if (
+        is_adverb(word)
+        and previous in ("det", "list")
+        and participle
+        and after2 not in CLOSED_CLASS
+    ):
+        return "content"  # an adverb on a participle inside a phrase: "the dimly lit room"
     if word in MODALS and ends_phrase:
         return "content"  # "a soda can", "a can of soup"; but "the dog can jump"
     if word in CLOSED_CLASS or is_adverb(word):
         return "break"
     if word.endswith(("ed", "ing")) and is_verb_form(word) and ends_phrase:
+        if after in DETERMINERS and after != "one":
+            return "break"  # a verb and its object: "the stone added a touch"
         # "a man sitting on", "neatly arranged in": verbs
         return "content" if before in DETERMINERS | MODIFIERS else "break"
+    clause = (
+        before == "," and previous == "join" and (looks_adjective(after) or after in DETERMINERS)
+    )
+    gerund = before in GERUND_PREPOSITIONS or clause
+    if word.endswith("ing") and is_verb_form(word) and gerund and after not in ("", ","):
+        return "break"  # a verb after a preposition or a clause's comma: "for serving", ", casting"
     if word.endswith("ing"):
         return "content"  # "the dining room", "a cutting board"
+    if before == "to" and before2 != "next" and is_base_verb(word):
+        return "break"  # an infinitive: "a place to rest"
     # a noun never precedes "the"; a verb form ending the prompt is a noun ("a trophy stand")
     verb_after_noun = (is_verb_form(word) and after != "") or after in DETERMINERS
-    if verb_after_noun and (follows_noun or previous == "pron"):
+    # a singular subject takes "displays", so "a dazzling display" is a noun
+    if before2 in SINGULAR_DETERMINERS and is_base_verb(word):
+        verb_after_noun = False
+    # an adjective that ends a longer phrase is its noun before a finite verb: "the red light shone"
+    finite = is_verb_form(word) and not is_base_verb(word) and not word.endswith(("ed", "ing"))
+    noun_modifier = previous == "content" and before2 not in CLOSED_CLASS | {"", ","}
+    if verb_after_noun and (follows_noun or previous == "pron" or (finite and noun_modifier)):
         return "break"
     if before in AUXILIARIES and word not in MODIFIERS:
         return "break"  # "can jump", "was hung"
     return "content"
 
 
-def joins_attributes(words: list[str], i: int) -> bool:
-    """ "and" or "," inside an attribute list: "red and white", "a big, brown bowl", "blue, black, and"."""
+def joins_attributes(words: list[str], i: int, current: list[str]) -> bool:
+    """ "and" or "," inside an attribute list: "red and white", "a big, brown bowl", "blue, black, and".
+
+    current: the phrase so far. A determiner followed only by adjectives has no noun yet, so the
+    list goes on past "and" / "," into the next word ("a functional and decorative addition", "the
+    sharp, tangy taste"), unless that word starts a new phrase or clause. Only the first adjective
+    after the determiner is guessed from its ending: "a wooden table and ..." has its noun.
+    """
     before = words[i - 1] if i > 0 else ""
     after = words[i + 1] if i + 1 < len(words) else ""
     if before == "," and words[i] == "and":
         before = words[i - 2]
     if after == "and" and words[i] == ",":
         after = words[i + 2] if i + 2 < len(words) else ""
-    return before in MODIFIERS and after in MODIFIERS
+    if before in MODIFIERS and after in MODIFIERS:
+        return True
+    no_noun_yet = len(current) == 2 and current[0] in DETERMINERS and looks_adjective(current[1])
+    return no_noun_yet and after not in CLOSED_CLASS | VERB_FORMS and after not in ("", ",")
 
 
 def split_noun_phrases(prompt: str) -> list[str]:
@@ -456,29 +536,35 @@ def split_noun_phrases(prompt: str) -> list[str]:
     brown"). A phrase after "is" / "looked" made only of adjectives is a predicate, not an object.
     CompBench's dropped chunks ("the left", "top", ...) are dropped, as it does.
     """
-    words = re.findall(r"[a-z0-9'-]+|,", prompt.lower())
-    phrases, current, after_linking = [], [], False
+    words = re.findall(r"[\w'-]+|,", prompt.lower())  # \w: "piñata" is one word
+    phrases, current = [], []
+    after_linking = False  # the word before (adverbs aside) is "is" / "looked" / "stood" ...
+    predicate = False  # the current phrase starts right after such a verb
 
     def close() -> None:
-        if any(w not in DETERMINERS for w in current):
-            predicate = after_linking and all(w in MODIFIERS or w == "," for w in current)
-            if not predicate:
-                phrases.append(" ".join(current).replace(" ,", ","))
+        is_predicate = predicate and all(w in MODIFIERS or w == "," for w in current)
+        if any(w not in DETERMINERS for w in current) and not is_predicate:
+            phrases.append(" ".join(current).replace(" ,", ","))
         current.clear()
 
     role = ""
     for i, word in enumerate(words):
         role = word_role(words, i, role) if word not in ("and", ",") else "join"
-        if role == "join" and joins_attributes(words, i):
+        if role == "join" and joins_attributes(words, i, current):
             current.append(word)
+            role = "list"
             continue
         if role in ("join", "break", "pron") or (role == "det" and current and current[-1] != ","):
             close()
-            after_linking = word in LINKING_VERBS or (after_linking and role != "det")
         if role in ("content", "det"):
+            if not current:
+                predicate = after_linking
             current.append(word)
         elif role == "pron":
             phrases.append(word)
+        # adjectives right after such a verb are its predicate: "looked elegant", "stood tall"
+        linking = word in LINKING_VERBS or (role == "break" and word in POSITION_VERBS)
+        after_linking = linking or (after_linking and (word in ADVERBS or is_adverb(word)))
     close()
     return [p for p in phrases if p not in COMPBENCH_DROPPED_CHUNKS]
 

@@ -384,6 +384,33 @@ def test_jpeg_size_matches_pil_and_signs():
         # predicates after "is" / "looked" are not objects; a relative pronoun is a chunk of its own
         ("The pink vase looked elegant on the shelf.", ["the pink vase", "the shelf"]),
         ("a bathroom that is white", ["a bathroom", "that"]),
+        # second pass (issue 11, point 2); each case failed before its rule
+        # any letter is a letter
+        ("a round piñata and a square box", ["a round piñata", "a square box"]),
+        # a determiner with adjectives only has no noun yet: the list goes on past "and" / ","
+        ("a playful and cheerful puppy on a mat", ["a playful and cheerful puppy", "a mat"]),
+        ("the glossy, slippery floor of the hall", ["the glossy, slippery floor", "the hall"]),
+        ("a wooden table and fluffy clouds", ["a wooden table", "fluffy clouds"]),
+        # a participle before a determiner is a verb with its object
+        ("The oval stone added a glow to the room.", ["the oval stone", "a glow", "the room"]),
+        # an adjective word that ends a longer phrase is its noun before a finite verb
+        (
+            "The warm yellow light shone on the old piano.",
+            ["the warm yellow light", "the old piano"],
+        ),
+        # after "a" + one word, a base form is a noun (a singular subject takes "displays")
+        ("a glowing display of lamps", ["a glowing display", "lamps"]),
+        # infinitives, reciprocal pronouns, gerunds and participle clauses name no object
+        ("a quiet bench to rest on", ["a quiet bench"]),
+        ("two cats facing each other", ["two cats"]),
+        ("a tray for holding cups", ["a tray", "cups"]),
+        ("The clouds drifted, casting long shadows.", ["the clouds", "long shadows"]),
+        ("the rope tied around the post", ["the rope", "the post"]),
+        # an adverb on a participle stays in the phrase
+        ("the softly lit hallway", ["the softly lit hallway"]),
+        # an adjective right after a verb of position is its predicate; after other verbs a noun
+        ("The white vase sat empty on the shelf.", ["the white vase", "the shelf"]),
+        ("The lamp casts light on the desk.", ["the lamp", "light", "the desk"]),
     ],
 )
 def test_split_noun_phrases(prompt, phrases):
