@@ -32,17 +32,16 @@ Deviations from the paper (each with its reason):
     which DDP would need no_sync bookkeeping for. A two-process test proves the ranks stay equal.
  7. Prompts are drawn with replacement each epoch (the paper does not say).
  8. Default hyper-parameters fit the embedded 64x64 model on 2 CPU cores, not the paper's SD 2
-    settings (the GPU quickstart shows those). They all live in `Config`. The default policy takes
-    T = 6 DDIM steps at w = 5 (the tiny model stays calibrated there) for 1.8x more images a minute
-    than 10 steps (scripts/time_to_gain.py).
+    settings (the GPU quickstart shows those). They all live in `Config`. T = 6 DDIM steps at w = 5:
+    the tiny model stays calibrated, 1.7x more images a minute than 10 (scripts/time_to_gain.py).
  9. Optional KL penalty to the base model (`--kl_coef`, default 0 as in the paper), and a stop on
     a non-finite reward or gradient: one NaN update would destroy the LoRA weights silently.
 10. Steps with sigma_t < `--min_train_sigma` are sampled but not trained on (default 0.5: the tiny
-    model trains its first 5 of 10 steps; 0 trains on all, as the paper). The score grad log pi of
+    model trains its first 3 of 6 steps; 0 trains on all, as the paper). The score grad log pi of
     a step scales as |c_t| / sigma_t (c_t: eps_hat's coefficient in the DDIM mean): at the second-
     to-last step (sigma_t = 0.04) its norm is 10x the others' (measured), so its noise swamps the
     sum, while late steps only refine detail; which object gets which color is decided in the
-    first, noisiest steps. Training 5 steps halves the update cost: more rollouts per minute.
+    first, noisiest steps. Training half the steps halves the update cost.
 11. The held-out scores and the saved LoRA are an exponential moving average of the LoRA weights
     over epochs (`--ema_decay`, default 0.9: about the last 10 epochs; 0 = the last weights, as
     the paper; training always continues from the raw weights). With 32 images per rollout the
@@ -60,16 +59,9 @@ Notation (paper symbol -> code name):
     eps, PPO clip range             clip_range      w, guidance scale            guidance_scale
 Shapes: N = B*K images on a rank, (C, h, w) a latent, (3, H, W) an image, (L, D) a text embedding.
 
-Run folder (--out): config.json; metrics.jsonl (one row per epoch; row 0 is the untrained model's
-held-out score); samples/*.png grids with a .txt of captions; lora/pytorch_lora_weights.safetensors
-(diffusers format; the EMA weights the held-out scores used); checkpoint/state.pt (everything
---resume needs, written atomically).
-Metrics (per epoch): images_seen; reward_mean / reward_std of the rollout (all ranks);
-eval_reward_mean, the held-out mean with fixed noise (null when not evaluated); over every trained
-(sample, step): approx_kl = mean 0.5 (log rho_t)^2, clipfrac = share with |rho_t - 1| > eps,
-ratio_mean = mean rho_t; grad_norm = LoRA gradient norm before clipping (mean over updates);
-kl = the KL penalty term (null when --kl_coef 0); seconds = wall time of the epoch's rollout,
-updates and saving; eval_seconds = wall time of its held-out evaluation (null when none).
+Run folder (--out): config.json, metrics.jsonl (one row per epoch, row 0 the untrained held-out
+score; README "The run folder and its metrics" defines every field), samples/ (grids + captions),
+lora/ (diffusers format, the EMA weights) and checkpoint/ (all --resume needs, written atomically).
 """
 
 from __future__ import annotations
@@ -819,9 +811,8 @@ def resolve_reward_and_prompts(cfg: Config, model_path: str):
 
 def reward_options(reward: str, prompt_dir: str) -> dict:
     """complex, with CompBench's route lists in --prompt_dir: route its prompts as the original."""
-    if reward == "complex" and prompt_dir and any(Path(prompt_dir).glob("complex_*_spatial.txt")):
-        return {"lists": prompt_dir}
-    return {}
+    lists = prompt_dir and any(Path(prompt_dir).glob("complex_*_spatial.txt"))
+    return {"lists": prompt_dir} if reward == "complex" and lists else {}
 
 
 def check_config(cfg: Config, world: int) -> dict:
@@ -1033,8 +1024,7 @@ def main(cfg: Config) -> Path:
         reward_mean, reward_std = mean_and_std_over_ranks(reward, device)
         row = {"epoch": epoch + 1, "images_seen": (epoch + 1) * cfg.images_per_epoch}
         row |= {"reward_mean": reward_mean, "reward_std": reward_std}
-        row |= {"eval_reward_mean": None, "eval_seconds": None}
-        row |= stats
+        row |= {"eval_reward_mean": None, "eval_seconds": None, **stats}
         if show:
             train_grid = run / "samples" / f"train_epoch_{epoch + 1:04d}.png"
             save_grid(train_grid, batch.images[:16], prompts[:16], reward[:16])
@@ -1048,8 +1038,7 @@ def main(cfg: Config) -> Path:
                     row["eval_reward_mean"] = eval_reward.mean().item()
                     row["eval_seconds"] = time.time() - eval_tic
                 save_lora(models.unet, run / "lora")
-            seconds = time.time() - tic - (row["eval_seconds"] or 0)
-            append_metrics(run, row | {"seconds": seconds})
+            append_metrics(run, row | {"seconds": time.time() - tic - (row["eval_seconds"] or 0)})
             save_checkpoint(run, models.unet, optimizer, ema, epoch + 1)
             tqdm.write(
                 f"epoch {epoch + 1}: reward {reward_mean:.4f} clipfrac "
