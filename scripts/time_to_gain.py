@@ -12,7 +12,8 @@ its last 10 epochs against its first 10.
 
     python scripts/time_to_gain.py --label new                  # seeds 0-4, today's defaults
     python scripts/time_to_gain.py --label old --seeds 0 --old  # the previous defaults, as flags
-    python scripts/time_to_gain.py --speed                      # images/s old vs new, one process
+    python scripts/time_to_gain.py --speed_repeats 3            # images/s old vs new, one process
+    python scripts/time_to_gain.py --plot old,new               # held-out gain vs training minutes
 
 Runs go to runs/time_to_gain/<label>-seed<S>; a finished run is read, not rerun, so an interrupted
 measurement continues where it stopped. `--parallel 2` runs two seeds at a time with one thread
@@ -165,6 +166,32 @@ def speed(repeats: int) -> str:
     return "\n".join(lines)
 
 
+def plot_gains(labels: list[str], out: Path, target: float) -> Path:
+    """Held-out gain against training minutes (evaluation excluded), one line per run folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for color, label in zip(("tab:gray", "tab:blue", "tab:green", "tab:red"), labels):
+        for folder in sorted(out.glob(f"{label}-seed*/")):
+            rows, minutes = loop.read_metrics(folder), 0.0
+            xs, ys = [0.0], [0.0]
+            for row in rows[1:]:
+                minutes += row["seconds"] / 60
+                if row["eval_reward_mean"] is not None:
+                    xs.append(minutes)
+                    ys.append(row["eval_reward_mean"] - rows[0]["eval_reward_mean"])
+            axes.plot(xs, ys, color=color, alpha=0.8, label=f"{label} ({folder.name[-5:]})")
+    axes.axhline(target, color="black", linestyle="--", linewidth=1, label=f"+{target}")
+    axes.set(xlabel="training minutes (evaluation excluded)", ylabel="held-out gain (EMA)")
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(out / "time_to_gain.png", dpi=110)
+    return out / "time_to_gain.png"
+
+
 def main(
     label: str = "new",
     seeds: str = "0,1,2,3,4",
@@ -176,11 +203,15 @@ def main(
     cap: bool = True,
     out: str = "runs/time_to_gain",
     speed_repeats: int = 0,
+    plot: str = "",
     **flags,
 ) -> None:
     """Run (or read) the seeds' capped runs and print the time-to-target table."""
     if speed_repeats:
         print(speed(speed_repeats))
+        return
+    if plot:  # fire reads "old,new" as a tuple
+        print(plot_gains(list(plot) if isinstance(plot, tuple) else [plot], Path(out), target))
         return
     extra = {k: v for k, v in OLD.items() if k != "epochs"} if old else {}
     extra |= flags
