@@ -56,8 +56,8 @@ Known gaps with T2I-CompBench's original code, and how they are handled
 5. Noun phrases. CompBench asks one question per spaCy en_core_web_sm noun chunk, less the exact chunks
    "top", "the side", "the left", "the right" (so it does ask "the top?" of "on the top of"), with
    BLIP's question normalisation (`blip_question`). The default rule splitter (`split_noun_phrases`)
-   needs no spaCy; it gives spaCy's question list on ~90% of CompBench's color/shape/texture val
-   prompts and ~75% of complex val (scripts/phrase_agreement.py; README "Rewards"). Most of the rest
+   needs no spaCy; it gives spaCy's question list on 90-91% of CompBench's color/shape/texture val
+   prompts and 86% of complex val (scripts/phrase_agreement.py; README "Rewards"). Most of the rest
    are spaCy's own mis-parses ("a red rose and a white carnation" -> only "a white carnation?"; "X and
    Y" sometimes one chunk), which we do not imitate. `splitter="spacy"` uses CompBench's rule exactly
    if spaCy is installed. A prompt without any noun phrase is asked as a whole (CompBench scores it 1).
