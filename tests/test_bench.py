@@ -71,7 +71,7 @@ def test_compare_plot(tmp_path):
 
 
 def test_evaluation_epochs_end_at_the_last_epoch():
-    assert compare.evaluation_epochs(56, 28) == [28, 56]
+    assert compare.evaluation_epochs(48, 24) == [24, 48]
     assert compare.evaluation_epochs(10, 4) == [4, 8, 10]
     assert compare.evaluation_epochs(3, 5) == [3]
 
