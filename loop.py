@@ -39,9 +39,9 @@ Deviations from the paper (each with its reason):
 10. Steps with sigma_t < `--min_train_sigma` are sampled but not trained on (default 0.5: the tiny
     model trains its first 3 of 6 steps; 0 trains on all, as the paper). The score grad log pi of
     a step scales as |c_t| / sigma_t (c_t: eps_hat's coefficient in the DDIM mean): at the second-
-    to-last step (sigma_t = 0.04) its norm was 10x the others' (measured at 10 steps), so its noise swamps the
-    sum, while late steps only refine detail; which object gets which color is decided in the
-    first, noisiest steps. Training half the steps halves the update cost.
+    to-last step (sigma_t = 0.04) its norm was 10x the others' (measured at 10 steps), so its noise
+    swamps the sum, while late steps only refine detail; which object gets which color is decided
+    in the first, noisiest steps. Training half the steps halves the update cost.
 11. The held-out scores and the saved LoRA are an exponential moving average of the LoRA weights
     over epochs (`--ema_decay`, default 0.9: about the last 10 epochs; 0 = the last weights, as
     the paper; training always continues from the raw weights). With 32 images per rollout the
