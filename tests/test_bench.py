@@ -64,6 +64,13 @@ def test_compare_summary_images_to_reach_the_reference():
     assert compare.images_to_reach([0.0, 32.0], torch.tensor([0.1, 0.2]).numpy(), 0.9) is None
 
 
+def test_compare_summary_when_the_reference_ends_below_the_start():
+    rows = [r | {"eval_ema": 0.8 - r["eval_ema"]} if r["config"] == "ppo-k1" else r
+            for r in synthetic_rows()]  # fmt: skip
+    table = compare.summary_table(rows, ["ppo-k1", "loop-k4"])
+    assert table.count("n/a (ppo-k1 ends below the start)") == 2 and "| 0 |" not in table
+
+
 def test_compare_plot(tmp_path):
     pytest.importorskip("matplotlib")
     path = compare.plot(synthetic_rows(), ["ppo-k1", "loop-k4"], tmp_path / "c.png")
