@@ -175,7 +175,7 @@ def plot_gains(labels: list[str], out: Path, target: float) -> Path:
 
     figure, axes = plt.subplots(figsize=(7, 4))
     for color, label in zip(("tab:gray", "tab:blue", "tab:green", "tab:red"), labels):
-        for folder in sorted(out.glob(f"{label}-seed*/")):
+        for i, folder in enumerate(sorted(out.glob(f"{label}-seed*/"))):
             rows, minutes = loop.read_metrics(folder), 0.0
             xs, ys = [0.0], [0.0]
             for row in rows[1:]:
@@ -183,10 +183,12 @@ def plot_gains(labels: list[str], out: Path, target: float) -> Path:
                 if row["eval_reward_mean"] is not None:
                     xs.append(minutes)
                     ys.append(row["eval_reward_mean"] - rows[0]["eval_reward_mean"])
-            axes.plot(xs, ys, color=color, alpha=0.8, label=f"{label} ({folder.name[-5:]})")
+            axes.plot(
+                xs, ys, color=color, alpha=0.8, label=None if i else f"{label} (one line a seed)"
+            )
     axes.axhline(target, color="black", linestyle="--", linewidth=1, label=f"+{target}")
     axes.set(xlabel="training minutes (evaluation excluded)", ylabel="held-out gain (EMA)")
-    axes.legend(fontsize=7, ncol=2)
+    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out / "time_to_gain.png", dpi=110)
     return out / "time_to_gain.png"
