@@ -1,0 +1,50 @@
+"""scripts/time_to_gain.py: the measure of the README's default-run tables, on synthetic metrics."""
+
+import importlib.util
+import json
+
+import pytest
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("time_to_gain", REPO / "scripts" / "time_to_gain.py")
+time_to_gain = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(time_to_gain)
+
+
+def metrics(evals: dict, epochs: int, seconds: float = 30.0) -> list[dict]:
+    """metrics.jsonl rows as loop.py writes them: row 0 untrained, held-out only at `evals`."""
+    rows = [{"epoch": 0, "reward_mean": None, "eval_reward_mean": evals[0], "seconds": 0.0}]
+    for epoch in range(1, epochs + 1):
+        rows.append({"epoch": epoch, "reward_mean": 0.4 + 0.01 * epoch,
+                     "eval_reward_mean": evals.get(epoch), "seconds": seconds})  # fmt: skip
+    return rows
+
+
+def test_time_to_target_counts_training_seconds_until_the_first_evaluation_that_reaches_it():
+    rows = metrics({0: 0.40, 4: 0.50, 8: 0.56, 12: 0.52}, epochs=12)
+    result = time_to_gain.summarise(rows, default_epochs=8, target=0.15)
+    assert result["hit"] == {"epoch": 8, "minutes": pytest.approx(4.0)}  # 8 epochs x 30 s
+    assert result["default_gain"] == pytest.approx(0.16)
+    assert result["last"] == {"epoch": 12, "gain": pytest.approx(0.12)}
+    # training reward: epochs 1-8, so the last 10 and the first 10 are the same 8 epochs
+    assert result["reward_rise"] == pytest.approx(0.0)
+    assert result["cap_minutes"] == pytest.approx(6.0)
+
+
+def test_a_run_that_never_reaches_the_target_is_reported_beyond_its_cap():
+    rows = metrics({0: 0.40, 4: 0.45, 8: 0.54}, epochs=8)
+    result = time_to_gain.summarise(rows, default_epochs=4, target=0.15)
+    assert result["hit"] is None and result["default_gain"] == pytest.approx(0.05)
+    text = time_to_gain.report("new", [0, 1], [result, result], target=0.15)
+    assert "| 0 | > 4.0 min (> 8) | +0.050 |" in text
+    assert "reached by 0/2 seeds" in text and "median time to +0.15: inf min" in text
+
+
+def test_plot_draws_every_seed_folder(tmp_path):
+    pytest.importorskip("matplotlib")
+    for name in ("old-seed0", "new-seed0", "new-seed1"):
+        (tmp_path / name).mkdir()
+        rows = metrics({0: 0.40, 4: 0.50, 8: 0.45}, epochs=8)
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = time_to_gain.plot_gains(["old", "new"], tmp_path, 0.15)
+    assert path.is_file() and path.stat().st_size > 1000
