@@ -811,8 +811,9 @@ def resolve_reward_and_prompts(cfg: Config, model_path: str):
 
 def reward_options(reward: str, prompt_dir: str) -> dict:
     """complex, with CompBench's route lists in --prompt_dir: route its prompts as the original."""
-    lists = prompt_dir and any(Path(prompt_dir).glob("complex_*_spatial.txt"))
-    return {"lists": prompt_dir} if reward == "complex" and lists else {}
+    if reward == "complex" and prompt_dir and any(Path(prompt_dir).glob("complex_*_spatial.txt")):
+        return {"lists": prompt_dir}
+    return {}
 
 
 def check_config(cfg: Config, world: int) -> dict:

@@ -220,10 +220,13 @@ def summary_table(rows: list[dict], names: list[str]) -> str:
         seconds = [r["seconds"] for r in mine if r["epoch"] > 0]
         first = ema[:, 0].mean()
         (m, s), (mr, sr) = mean_std(ema[:, -1].tolist()), mean_std(raw[:, -1].tolist())
-        reach = None if target is None else images_to_reach(images, ema.mean(axis=0), target)
-        reach_text = "n/a" if target is None else (f"{reach:.0f}" if reach is not None else "never")
-        if target is not None and target <= first:  # every curve "reaches" it before training
+        if target is None:
+            reach_text = "n/a"
+        elif target <= first:  # every curve would "reach" it before training
             reach_text = f"n/a ({REFERENCE} ends below the start)"
+        else:
+            reach = images_to_reach(images, ema.mean(axis=0), target)
+            reach_text = f"{reach:.0f}" if reach is not None else "not reached"
         table.append([
             name, len(ema), f"{first:.3f}", f"{m:.3f} +- {s:.3f}", f"{mr:.3f} +- {sr:.3f}",
             reach_text, f"{np.median(seconds):.2f}", f"{max(r['peak_rss_mb'] for r in mine):.0f}",
