@@ -13,7 +13,7 @@ its last 10 epochs against its first 10.
     python scripts/time_to_gain.py --label new                  # seeds 0-4, today's defaults
     python scripts/time_to_gain.py --label old --seeds 0 --old  # the previous defaults, as flags
     python scripts/time_to_gain.py --speed_repeats 3            # images/s old vs new, one process
-    python scripts/time_to_gain.py --plot old,new               # held-out gain vs training minutes
+    python scripts/time_to_gain.py --plot old,new               # gain vs training minutes: figure, table
 
 Runs go to runs/time_to_gain/<label>-seed<S>; a finished run is read, not rerun, so an interrupted
 measurement continues where it stopped. `--parallel 2` runs two seeds at a time with one thread
@@ -68,14 +68,22 @@ def reached(rows: list[dict], target: float) -> bool:
     return any((r["eval_reward_mean"] or -1) >= rows[0]["eval_reward_mean"] + target for r in rows)
 
 
+def gain_curve(rows: list[dict]) -> list[tuple[float, int, float]]:
+    """(training minutes, epoch, held-out gain) at every evaluation; evaluation time not counted."""
+    before, minutes, curve = rows[0]["eval_reward_mean"], 0.0, [(0.0, 0, 0.0)]
+    for row in rows[1:]:
+        minutes += row["seconds"] / 60
+        if row["eval_reward_mean"] is not None:
+            curve.append((minutes, row["epoch"], row["eval_reward_mean"] - before))
+    return curve
+
+
 def summarise(rows: list[dict], default_epochs: int, target: float) -> dict:
     """Time to before + target (training seconds, evaluation excluded), and the default run's gains."""
     before = rows[0]["eval_reward_mean"]
-    train_seconds, hit = 0.0, None
-    for row in rows[1:]:
-        train_seconds += row["seconds"]
-        if hit is None and (row["eval_reward_mean"] or -1) >= before + target:
-            hit = {"epoch": row["epoch"], "minutes": train_seconds / 60}
+    hits = [(m, epoch) for m, epoch, gain in gain_curve(rows)[1:] if gain >= target]
+    hit = {"epoch": hits[0][1], "minutes": hits[0][0]} if hits else None
+    train_seconds = sum(row["seconds"] for row in rows[1:])
     at_default = next(r for r in rows if r["epoch"] == default_epochs)["eval_reward_mean"]
     train_reward = [r["reward_mean"] for r in rows[1 : default_epochs + 1]]
     return {
@@ -176,13 +184,7 @@ def plot_gains(labels: list[str], out: Path, target: float) -> Path:
     figure, axes = plt.subplots(figsize=(7, 4))
     for color, label in zip(("tab:gray", "tab:blue", "tab:green", "tab:red"), labels):
         for i, folder in enumerate(sorted(out.glob(f"{label}-seed*/"))):
-            rows, minutes = loop.read_metrics(folder), 0.0
-            xs, ys = [0.0], [0.0]
-            for row in rows[1:]:
-                minutes += row["seconds"] / 60
-                if row["eval_reward_mean"] is not None:
-                    xs.append(minutes)
-                    ys.append(row["eval_reward_mean"] - rows[0]["eval_reward_mean"])
+            xs, _, ys = zip(*gain_curve(loop.read_metrics(folder)))
             axes.plot(
                 xs, ys, color=color, alpha=0.8, label=None if i else f"{label} (one line a seed)"
             )
@@ -192,6 +194,21 @@ def plot_gains(labels: list[str], out: Path, target: float) -> Path:
     figure.tight_layout()
     figure.savefig(out / "time_to_gain.png", dpi=110)
     return out / "time_to_gain.png"
+
+
+def gains_at_minutes(labels: list[str], out: Path, minutes: list[float]) -> str:
+    """Each run's held-out gain at its last evaluation within M training minutes, per label."""
+    lines = ["| minutes | " + " | ".join(f"{label}: per seed | mean" for label in labels) + " |"]
+    lines.append("|---|" + "---|---|" * len(labels))
+    for limit in minutes:
+        cells = []
+        for label in labels:
+            folders = sorted(out.glob(f"{label}-seed*/"))
+            curves = [gain_curve(loop.read_metrics(folder)) for folder in folders]
+            gains = [[g for m, _, g in curve if m <= limit][-1] for curve in curves]
+            cells += [", ".join(f"{g:+.3f}" for g in gains), f"{statistics.mean(gains):+.3f}"]
+        lines.append(f"| {limit} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(
@@ -206,14 +223,20 @@ def main(
     out: str = "runs/time_to_gain",
     speed_repeats: int = 0,
     plot: str = "",
+    minutes: str = "4.7,8.3,9.3",
     **flags,
 ) -> None:
     """Run (or read) the seeds' capped runs and print the time-to-target table."""
     if speed_repeats:
         print(speed(speed_repeats))
         return
-    if plot:  # fire reads "old,new" as a tuple
-        print(plot_gains(list(plot) if isinstance(plot, tuple) else [plot], Path(out), target))
+    if plot:  # fire reads "old,new" as a tuple, and "4.7,9.3" too
+        labels = list(plot) if isinstance(plot, tuple) else [plot]
+        limits = [
+            float(m) for m in (minutes if isinstance(minutes, tuple) else str(minutes).split(","))
+        ]
+        print(plot_gains(labels, Path(out), target))
+        print(gains_at_minutes(labels, Path(out), limits))
         return
     extra = {k: v for k, v in OLD.items() if k != "epochs"} if old else {}
     extra |= flags

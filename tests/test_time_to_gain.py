@@ -48,3 +48,14 @@ def test_plot_draws_every_seed_folder(tmp_path):
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = time_to_gain.plot_gains(["old", "new"], tmp_path, 0.15)
     assert path.is_file() and path.stat().st_size > 1000
+
+
+def test_gains_at_equal_minutes_take_each_runs_last_evaluation_within_the_limit(tmp_path):
+    for name, evals in (("new-seed0", {0: 0.4, 4: 0.5, 8: 0.45}), ("new-seed1", {0: 0.4, 8: 0.6})):
+        (tmp_path / name).mkdir()
+        rows = metrics(evals, epochs=8)  # 30 s an epoch: epoch 4 at 2.0 min, epoch 8 at 4.0 min
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = time_to_gain.gains_at_minutes(["new"], tmp_path, [1.0, 3.0, 4.0])
+    assert "| 1.0 | +0.000, +0.000 | +0.000 |" in table
+    assert "| 3.0 | +0.100, +0.000 | +0.050 |" in table
+    assert "| 4.0 | +0.050, +0.200 | +0.125 |" in table
