@@ -407,22 +407,9 @@ def is_adverb(word: str) -> bool:
 
 
 # Endings of English adjectives ("functional", "majestic", "decorative", "tangy", "dazzling", ...).
-ADJECTIVE_ENDINGS = (
-    "al",
-    "ic",
-    "ive",
-    "ous",
-    "ful",
-    "less",
-    "ible",
-    "ish",
-    "ant",
-    "ent",
-    "y",
-    "ed",
-    "ing",
-)
+ADJECTIVE_ENDINGS = tuple(words("al ic ive ous ful less ible ish ant ent y ed ing"))
 NOUN_ENDINGS = ("ity", "ry", "ey")  # "creativity", "berry", "turkey": -y nouns
+RECIPROCALS = {("each", "other"), ("one", "another")}  # pronouns of two words
 
 
 def looks_adjective(word: str) -> bool:
@@ -449,10 +436,7 @@ def word_role(words: list[str], i: int, previous: str) -> str:
     after = words[i + 1] if i + 1 < len(words) else ""
     after2 = words[i + 2] if i + 2 < len(words) else ""
     follows_noun = previous == "content" and before not in MODIFIERS and not is_adverb(before)
-    if (word, after) in (("each", "other"), ("one", "another")) or (before, word) in (
-        ("each", "other"),
-        ("one", "another"),
-    ):
+    if (word, after) in RECIPROCALS or (before, word) in RECIPROCALS:
         return "break"  # reciprocal pronouns name no object
     if word in ("that", "which", "who") and (follows_noun or before == ","):
         return "pron"
