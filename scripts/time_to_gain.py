@@ -13,6 +13,7 @@ its last 10 epochs against its first 10.
     python scripts/time_to_gain.py --label new                  # seeds 0-4, today's defaults
     python scripts/time_to_gain.py --label old --seeds 0 --old  # the previous defaults, as flags
     python scripts/time_to_gain.py --speed_repeats 3            # images/s old vs new, one process
+    python scripts/time_to_gain.py --speed_repeats 3 --speed_model runs/vae8/vae_stage  # + a candidate
     python scripts/time_to_gain.py --plot old,new               # gain vs training minutes: figure, table
 
 Runs go to runs/time_to_gain/<label>-seed<S>; a finished run is read, not rerun, so an interrupted
@@ -124,8 +125,11 @@ def report(label: str, seeds: list[int], results: list[dict], target: float) -> 
     return "\n".join(lines)
 
 
-def speed(repeats: int) -> str:
-    """Images/s of sampling and of the update phase, old vs new defaults, alternating in one process."""
+def speed(repeats: int, model: str = "") -> str:
+    """Images/s of sampling and of the update phase, alternating in one process: the old and new
+    defaults on the shipped model, and with `model` (another pipeline folder, e.g. an 8x-VAE
+    candidate; its weights do not matter for speed) the new defaults on it, with and without
+    guidance."""
     import random
 
     import torch
@@ -136,12 +140,16 @@ def speed(repeats: int) -> str:
     new = loop.Config()
     path = loop.resolve_model_path(new.model)
     reward_name, prompts, _ = loop.resolve_reward_and_prompts(new, path)
-    models = loop.load_models(path, torch.device("cpu"), torch.float32, new.lora_rank, 0)
+    shipped = loop.load_models(path, torch.device("cpu"), torch.float32, new.lora_rank, 0)
     reward_fn = rewards.load_reward(reward_name)
-    configs = {"old": loop.Config(**OLD), "new": new}
-    timings = {name: {"sampling": [], "updates": []} for name in configs}
+    entries = {"old": (shipped, loop.Config(**OLD)), "new": (shipped, new)}
+    if model:
+        other = loop.load_models(model, torch.device("cpu"), torch.float32, new.lora_rank, 0)
+        entries[f"{model}, w = 5"] = (other, new)
+        entries[f"{model}, w = 1"] = (other, loop.Config(guidance_scale=1.0))
+    timings = {name: {"sampling": [], "updates": []} for name in entries}
     for repeat in range(repeats):
-        for name, cfg in configs.items():
+        for name, (models, cfg) in entries.items():
             sizes = loop.check_config(cfg, 1)
             policy = loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
             optimizer = torch.optim.AdamW(loop.lora_parameters(models.unet), lr=0.0)  # no change
@@ -161,16 +169,17 @@ def speed(repeats: int) -> str:
     rate = {
         name: {phase: statistics.median(v) for phase, v in t.items()} for name, t in timings.items()
     }
-    lines = ["| phase | old images/s | new images/s | new / old |", "|---|---|---|---|"]
-    for phase in ("sampling", "updates"):
-        old, new_rate = rate["old"][phase], rate["new"][phase]
-        lines.append(f"| {phase} | {old:.2f} | {new_rate:.2f} | {new_rate / old:.2f}x |")
     epoch = {
-        name: sum(configs[name].images_per_epoch / r for r in rate[name].values()) for name in rate
+        name: sum(entries[name][1].images_per_epoch / r for r in rate[name].values())
+        for name in rate
     }
-    lines.append(
-        f"| one epoch (s) | {epoch['old']:.2f} | {epoch['new']:.2f} | {epoch['old'] / epoch['new']:.2f}x faster |"
-    )
+    header = "| configuration | sampling, images/s | update phase, images/s | one epoch (s) | old / this |"
+    lines = [header, "|---|---|---|---|---|"]
+    for name in entries:
+        lines.append(
+            f"| {name} | {rate[name]['sampling']:.2f} | {rate[name]['updates']:.2f} | "
+            f"{epoch[name]:.2f} | {epoch['old'] / epoch[name]:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -222,13 +231,14 @@ def main(
     cap: bool = True,
     out: str = "runs/time_to_gain",
     speed_repeats: int = 0,
+    speed_model: str = "",
     plot: str = "",
     minutes: str = "4.7,8.3,9.3",
     **flags,
 ) -> None:
     """Run (or read) the seeds' capped runs and print the time-to-target table."""
     if speed_repeats:
-        print(speed(speed_repeats))
+        print(speed(speed_repeats, speed_model))
         return
     if plot:  # fire reads "old,new" as a tuple, and "4.7,9.3" too
         labels = list(plot) if isinstance(plot, tuple) else [plot]

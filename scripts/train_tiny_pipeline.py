@@ -135,14 +135,19 @@ def build_tokenizer(folder: str) -> CLIPTokenizer:
 # 2. The models, small configs of Stable Diffusion's classes
 # ----------------------------------------------------------------------------------------------------
 def build_models(
-    vocab_size: int,
+    vocab_size: int, latent_factor: int = 4
 ) -> tuple[AutoencoderKL, UNet2DConditionModel, CLIPTextModel]:
+    """latent_factor: the VAE's downsampling per side, 4 (64 px -> 16x16x4, the shipped model) or 8
+    (64 px -> 8x8x4, Stable Diffusion's factor: one more encoder/decoder block)."""
+    if latent_factor not in (4, 8):
+        raise ValueError(f"latent_factor must be 4 or 8, got {latent_factor}")
+    blocks = (16, 32, 64) if latent_factor == 4 else (16, 32, 64, 64)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        block_out_channels=blocks,
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
@@ -162,7 +167,7 @@ def build_models(
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=W.SIZE // 4,
+        sample_size=W.SIZE // latent_factor,
         in_channels=4,
         out_channels=4,
         down_block_types=(
@@ -454,12 +459,17 @@ def main(
     decoder_steps: int = 700,
     ship: str | None = None,
     ship_to: str = "assets/tiny-shapes",
+    latent_factor: int = 4,
+    vae_only: bool = False,
 ) -> None:
     """Train the tiny pipeline (see the module docstring).
 
     --finetune_decoder SNAPSHOT: stage 2b only, on SNAPSHOT's VAE; saves it to OUT/decoder.
     --continue_from SNAPSHOT: stage 3 again from SNAPSHOT's weights (a fresh optimizer), numbering steps on.
     --ship SNAPSHOT: copy OUT/SNAPSHOT to `ship_to`, with OUT/decoder as its VAE when it exists.
+    --latent_factor 8: a VAE that compresses 8x per side (8x8x4 latents) and a UNet for that size.
+    --vae_only: stop after the VAE stage; OUT/vae_stage is a pipeline with the trained VAE and an
+      untrained UNet (for measuring reconstruction and the cost of a UNet call at that latent size).
     """
     torch.manual_seed(seed)
     torch.set_num_threads(threads)  # 1: two busy threads on a shared 2-core machine run 5x slower
@@ -503,7 +513,8 @@ def main(
             os.path.join(continue_from, "shapes_world.json")
         ) as f:  # the shipped model says its step
             step = json.load(f).get("step")
-        first = (step or int(os.path.basename(os.path.normpath(continue_from)).split("_")[-1])) + 1
+        name = os.path.basename(os.path.normpath(continue_from))  # step_NNNNNN, or vae_stage
+        first = (step or (int(name.split("_")[-1]) if name.startswith("step_") else 0)) + 1
         log({"stage": "continue", "from": continue_from, "threads": threads})
         train_diffusion(
             pipe.vae,
@@ -524,11 +535,12 @@ def main(
         return
     t0 = time.time()
     tokenizer = build_tokenizer(os.path.join(out, "tokenizer_src"))
-    vae, unet, text_encoder = build_models(len(tokenizer))
+    vae, unet, text_encoder = build_models(len(tokenizer), latent_factor)
     models = [("vae", vae), ("unet", unet), ("text", text_encoder)]
     sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in models}
     print(f"parameters: {sizes}")
     config = {"seed": seed, "vae_steps": vae_steps, "steps": steps, "batch": batch}
+    config["latent_factor"] = latent_factor
     log({"stage": "start", "parameters": sizes, "config": config})
     train_vae(vae, rng, vae_steps, vae_batch, vae_lr, log)
     recon = reconstruction_scores(vae, random.Random(seed + 1))
@@ -542,6 +554,10 @@ def main(
             "minutes": (time.time() - t0) / 60,
         }
     )
+    if vae_only:
+        save_pipeline(os.path.join(out, "vae_stage"), vae, unet, text_encoder, tokenizer)
+        print(f"VAE stage in {(time.time() - t0) / 60:.1f} min: {out}/vae_stage")
+        return
     train_diffusion(
         vae,
         unet,

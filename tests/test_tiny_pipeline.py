@@ -93,3 +93,24 @@ def test_default_policy_is_calibrated():
     assert recorded["num_inference_steps"] == default.num_steps
     assert recorded["guidance_scale"] == default.guidance_scale and recorded["eta"] == default.eta
     assert 0.35 <= recorded["color_val"] <= 0.65 and recorded["single_correct"] >= 0.85
+
+
+@pytest.mark.parametrize("factor, latent", [(4, 16), (8, 8)])
+def test_latent_factor_sets_the_vae_and_unet_sizes(tmp_path, factor, latent):
+    """--latent_factor 8 (Stable Diffusion's VAE factor) gives 8x8x4 latents for 64 px images and a
+    UNet of that sample size; the pipeline it saves is one that loop.py loads and samples from."""
+    import train_tiny_pipeline as T
+
+    import loop
+
+    tokenizer = T.build_tokenizer(os.fspath(tmp_path / "tok"))
+    vae, unet, text_encoder = T.build_models(len(tokenizer), factor)
+    z = vae.encode(torch.zeros(2, 3, 64, 64)).latent_dist.mean
+    assert z.shape == (2, 4, latent, latent) and unet.config.sample_size == latent
+    T.save_pipeline(os.fspath(tmp_path / "pipe"), vae, unet, text_encoder, tokenizer)
+    models = loop.load_models(
+        os.fspath(tmp_path / "pipe"), torch.device("cpu"), torch.float32, 4, 0
+    )
+    assert models.latent_shape == (4, latent, latent) and models.resolution == 64
+    with pytest.raises(ValueError, match="latent_factor must be 4 or 8"):
+        T.build_models(len(tokenizer), 3)
