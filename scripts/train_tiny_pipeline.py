@@ -246,7 +246,13 @@ def train_vae(
 
 
 def finetune_decoder_stage(
-    vae: AutoencoderKL, rng: random.Random, steps: int, batch: int, lr: float, log
+    vae: AutoencoderKL,
+    rng: random.Random,
+    steps: int,
+    batch: int,
+    lr: float,
+    log,
+    categories: tuple[str, ...] = ("single", "texture"),
 ) -> None:
     """Stage 2b: train the decoder alone (encoder frozen, so the latent space the UNet learned is
     unchanged) on scenes rich in textures, which the short first VAE stage blurs away."""
@@ -256,7 +262,7 @@ def finetune_decoder_stage(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     bar = tqdm(range(steps), desc="decoder")
     for step in bar:
-        images, _ = scene_batch(rng, batch, mix={"single": 0.5, "texture": 0.5})
+        images, _ = scene_batch(rng, batch, mix=dict.fromkeys(categories, 1.0))
         x = images * 2 - 1  # (B, 3, 64, 64) in [-1, 1]
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
@@ -461,10 +467,12 @@ def main(
     ship_to: str = "assets/tiny-shapes",
     latent_factor: int = 4,
     vae_only: bool = False,
+    decoder_scenes: str = "single,texture",
 ) -> None:
     """Train the tiny pipeline (see the module docstring).
 
-    --finetune_decoder SNAPSHOT: stage 2b only, on SNAPSHOT's VAE; saves it to OUT/decoder.
+    --finetune_decoder SNAPSHOT: stage 2b only, on SNAPSHOT's VAE; saves it to OUT/decoder; its scenes
+      are drawn equally from the categories of --decoder_scenes (single,texture for the shipped model).
     --continue_from SNAPSHOT: stage 3 again from SNAPSHOT's weights (a fresh optimizer), numbering steps on.
     --ship SNAPSHOT: copy OUT/SNAPSHOT to `ship_to`, with OUT/decoder as its VAE when it exists.
     --latent_factor 8: a VAE that compresses 8x per side (8x8x4 latents) and a UNet for that size.
@@ -501,7 +509,10 @@ def main(
     if finetune_decoder is not None:
         vae = AutoencoderKL.from_pretrained(os.path.join(finetune_decoder, "vae"))
         t0 = time.time()
-        finetune_decoder_stage(vae, rng, decoder_steps, vae_batch, 5e-4, log)
+        categories = (
+            tuple(decoder_scenes.split(",")) if isinstance(decoder_scenes, str) else decoder_scenes
+        )
+        finetune_decoder_stage(vae, rng, decoder_steps, vae_batch, 5e-4, log, categories)
         recon = reconstruction_scores(vae, random.Random(seed + 1))
         log({"stage": "decoder_done", "minutes": (time.time() - t0) / 60, **recon})
         vae.save_pretrained(os.path.join(out, "decoder"), safe_serialization=True)
