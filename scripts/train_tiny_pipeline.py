@@ -255,7 +255,8 @@ def finetune_decoder_stage(
     categories: tuple[str, ...] = ("single", "texture"),
 ) -> None:
     """Stage 2b: train the decoder alone (encoder frozen, so the latent space the UNet learned is
-    unchanged) on scenes rich in textures, which the short first VAE stage blurs away."""
+    unchanged) on scenes drawn equally from `categories`: for the shipped model single objects and
+    textures, which the short first VAE stage blurs away."""
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
@@ -550,8 +551,8 @@ def main(
     models = [("vae", vae), ("unet", unet), ("text", text_encoder)]
     sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in models}
     print(f"parameters: {sizes}")
-    config = {"seed": seed, "vae_steps": vae_steps, "steps": steps, "batch": batch}
-    config["latent_factor"] = latent_factor
+    config = {"seed": seed, "vae_steps": vae_steps, "steps": steps, "batch": batch,
+              "latent_factor": latent_factor}  # fmt: skip
     log({"stage": "start", "parameters": sizes, "config": config})
     train_vae(vae, rng, vae_steps, vae_batch, vae_lr, log)
     recon = reconstruction_scores(vae, random.Random(seed + 1))

@@ -98,7 +98,7 @@ def test_default_policy_is_calibrated():
 @pytest.mark.parametrize("factor, latent", [(4, 16), (8, 8)])
 def test_latent_factor_sets_the_vae_and_unet_sizes(tmp_path, factor, latent):
     """--latent_factor 8 (Stable Diffusion's VAE factor) gives 8x8x4 latents for 64 px images and a
-    UNet of that sample size; the pipeline it saves is one that loop.py loads and samples from."""
+    UNet of that sample size; loop.py loads the pipeline it saves with that latent shape."""
     import train_tiny_pipeline as T
 
     import loop
