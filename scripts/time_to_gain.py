@@ -10,11 +10,15 @@ give the default command's targets, since a run is the default run up to the def
 schedule depends on --epochs): the held-out gain at the default epochs and the training reward of
 its last 10 epochs against its first 10.
 
-    python scripts/time_to_gain.py --label new                  # seeds 0-4, today's defaults
-    python scripts/time_to_gain.py --label old --seeds 0 --old  # the previous defaults, as flags
-    python scripts/time_to_gain.py --speed_repeats 3            # images/s old vs new, one process
-    python scripts/time_to_gain.py --speed_repeats 3 --speed_model runs/vae8/vae_stage  # + a candidate
-    python scripts/time_to_gain.py --plot old,new               # gain vs training minutes: figure, table
+    python scripts/time_to_gain.py --label new                      # seeds 0-4, today's defaults
+    python scripts/time_to_gain.py --label old --seeds 0 --old old  # the 10-step default, as flags
+    python scripts/time_to_gain.py --label six --old six            # the 6-step default, as flags
+    python scripts/time_to_gain.py --speed_repeats 3                # images/s old vs new, one process
+    python scripts/time_to_gain.py --speed_repeats 3 --speed_model runs/other  # + another model
+    python scripts/time_to_gain.py --plot old,new                   # gain vs training minutes
+
+The previous defaults ran on the previous, 16x16-latent model; `--old` and the speed table take it
+from git (commit OLD_MODEL_COMMIT) into runs/tiny16 the first time.
 
 Runs go to runs/time_to_gain/<label>-seed<S>; a finished run is read, not rerun, so an interrupted
 measurement continues where it stopped. `--parallel 2` runs two seeds at a time with one thread
@@ -39,12 +43,31 @@ sys.path.insert(0, str(HERE))
 import loop
 
 COMMAND = ["--algo", "loop", "--k", "4", "--reward", "color"]
+# The 16x16-latent model shipped until 2026-12-02; `old_model()` extracts it from git into runs/
+OLD_MODEL_COMMIT, OLD_MODEL = "b59f749", "runs/tiny16"
 # The defaults before the "held-out gain per CPU-minute" issue (loop.py at commit ec7ba27)
 OLD = {
     "epochs": 56, "lr": 2e-3, "num_steps": 10, "guidance_scale": 5.0, "micro_batch": 8,
     "images_per_epoch": 32, "min_train_sigma": 0.5, "ema_decay": 0.9, "clip_range": 1e-4,
-    "minibatch": 0, "inner_epochs": 1, "lora_rank": 8,
+    "minibatch": 8, "inner_epochs": 1, "lora_rank": 8, "model": OLD_MODEL,
 }  # fmt: skip
+# The 6-step default on the 16x16 model (2026-12-02, commit b59f749), the step between OLD and now
+SIX_STEPS = OLD | {"epochs": 48, "num_steps": 6}
+PREVIOUS = {"old": OLD, "six": SIX_STEPS}
+
+
+def old_model(folder: str = OLD_MODEL) -> str:
+    """The previous model folder, extracted from git at OLD_MODEL_COMMIT when it is not there yet."""
+    if not (Path(folder) / "model_index.json").is_file():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(HERE), "archive", OLD_MODEL_COMMIT, "assets/tiny-shapes"],
+            check=True, capture_output=True,
+        ).stdout  # fmt: skip
+        subprocess.run(
+            ["tar", "-x", "-C", folder, "--strip-components=2"], input=archive, check=True
+        )
+    return folder
 
 
 def flags_of(values: dict) -> list[str]:
@@ -126,10 +149,9 @@ def report(label: str, seeds: list[int], results: list[dict], target: float) -> 
 
 
 def speed(repeats: int, model: str = "") -> str:
-    """Images/s of sampling and of the update phase, alternating in one process: the old and new
-    defaults on the shipped model, and with `model` (another pipeline folder, e.g. an 8x-VAE
-    candidate; its weights do not matter for speed) the new defaults on it, with and without
-    guidance."""
+    """Images/s of sampling and of the update phase, alternating in one process: the previous
+    defaults on the previous (16x16-latent) model and today's on the shipped one; with `model`
+    (another pipeline folder; its weights do not matter for speed) today's defaults on it too."""
     import random
 
     import torch
@@ -140,13 +162,19 @@ def speed(repeats: int, model: str = "") -> str:
     new = loop.Config()
     path = loop.resolve_model_path(new.model)
     reward_name, prompts, _ = loop.resolve_reward_and_prompts(new, path)
-    shipped = loop.load_models(path, torch.device("cpu"), torch.float32, new.lora_rank, 0)
     reward_fn = rewards.load_reward(reward_name)
-    entries = {"old": (shipped, loop.Config(**OLD)), "new": (shipped, new)}
+
+    def load(folder) -> loop.Models:
+        return loop.load_models(folder, torch.device("cpu"), torch.float32, new.lora_rank, 0)
+
+    previous = load(old_model())
+    entries = {
+        "previous default (10 steps, 16x16 latents)": (previous, loop.Config(**OLD)),
+        "6 steps, 16x16 latents (until 2026-12-02)": (previous, loop.Config(**SIX_STEPS)),
+        "default (8x8 latents)": (load(path), new),
+    }
     if model:
-        other = loop.load_models(model, torch.device("cpu"), torch.float32, new.lora_rank, 0)
-        entries[f"{model}, w = 5"] = (other, new)
-        entries[f"{model}, w = 1"] = (other, loop.Config(guidance_scale=1.0))
+        entries[model] = (load(model), new)
     timings = {name: {"sampling": [], "updates": []} for name in entries}
     for repeat in range(repeats):
         for name, (models, cfg) in entries.items():
@@ -169,16 +197,19 @@ def speed(repeats: int, model: str = "") -> str:
     rate = {
         name: {phase: statistics.median(v) for phase, v in t.items()} for name, t in timings.items()
     }
-    epoch = {
-        name: sum(entries[name][1].images_per_epoch / r for r in rate[name].values())
-        for name in rate
-    }
-    header = "| configuration | sampling, images/s | update phase, images/s | one epoch (s) | old / this |"
-    lines = [header, "|---|---|---|---|---|"]
-    for name in entries:
+    # seconds per image of one epoch, and per epoch of each configuration's own size
+    per_image = {name: sum(1 / r for r in rate[name].values()) for name in rate}
+    first = next(iter(entries))
+    header = (
+        "| configuration | images per epoch | sampling, images/s | update phase, images/s "
+        "| one epoch (s) | images/s, this / previous default |"
+    )
+    lines = [header, "|---|---|---|---|---|---|"]
+    for name, (_, cfg) in entries.items():
         lines.append(
-            f"| {name} | {rate[name]['sampling']:.2f} | {rate[name]['updates']:.2f} | "
-            f"{epoch[name]:.2f} | {epoch['old'] / epoch[name]:.2f}x |"
+            f"| {name} | {cfg.images_per_epoch} | {rate[name]['sampling']:.2f} | "
+            f"{rate[name]['updates']:.2f} | {per_image[name] * cfg.images_per_epoch:.2f} | "
+            f"{per_image[first] / per_image[name]:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -223,7 +254,7 @@ def gains_at_minutes(labels: list[str], out: Path, minutes: list[float]) -> str:
 def main(
     label: str = "new",
     seeds: str = "0,1,2,3,4",
-    old: bool = False,
+    old: str = "",
     target: float = 0.15,
     eval_every: int = 4,
     parallel: int = 1,
@@ -248,9 +279,11 @@ def main(
         print(plot_gains(labels, Path(out), target))
         print(gains_at_minutes(labels, Path(out), limits))
         return
-    extra = {k: v for k, v in OLD.items() if k != "epochs"} if old else {}
-    extra |= flags
-    default_epochs = OLD["epochs"] if old else loop.Config.epochs
+    values = PREVIOUS[old] if old else {"epochs": loop.Config.epochs}
+    if "model" in values:
+        old_model(values["model"])
+    extra = {k: v for k, v in values.items() if k != "epochs"} | flags
+    default_epochs = values["epochs"]
     # fire reads "0,1,2" as a tuple and "0" as an int
     seed_list = [int(s) for s in (seeds if isinstance(seeds, tuple) else str(seeds).split(","))]
     Path(out).mkdir(parents=True, exist_ok=True)
