@@ -9,8 +9,8 @@ The world (fixed)
 - Images 64x64 RGB on a uniform background BACKGROUND = (24, 24, 24).
 - Colors (exact RGB) in COLORS; shapes circle, square, triangle (pointing up), half-width 9..15 px;
   objects never overlap (bounding boxes at least GAP px apart).
-- Textures, drawn in absolute image coordinates so that they line up with the 4x4 pixel cells of the
-  tiny pipeline's latent grid (64x64 pixels -> 16x16 latents):
+- Textures, drawn in absolute image coordinates so that they line up with the 4x4 pixel cells of a
+  16x16 latent grid (the first tiny model's; the shipped 8x8-latent one cannot draw them, README):
     solid    every pixel of the object has its color;
     striped  horizontal bands of period 8 px: rows with (y // 4) odd take the dark shade (color * DARK);
     dotted   dark 2x2 dots on a 6 px grid: pixels with x % 6 < 2 and y % 6 < 2 take the dark shade.

@@ -11,7 +11,8 @@ that loop.py loads with the very code it uses for `stabilityai/stable-diffusion-
 
 Stages (all from a fixed seed, on procedurally rendered (prompt, image) pairs of shapes_world.py):
 1. the tokenizer: a CLIP BPE vocabulary in which every word of the world is one token;
-2. the VAE (64x64x3 pixels <-> 16x16x4 latents), trained on reconstruction + a tiny KL term, then its
+2. the VAE (64x64x3 pixels <-> 16x16x4 latents, or 8x8x4 with --latent_factor 8 as the shipped
+   model), trained on reconstruction + a tiny KL term, then its
    `scaling_factor` set to 1 / std of the latents as in Stable Diffusion;
 3. the UNet and the text encoder, trained together from scratch with the epsilon-prediction loss of
    SD (10% of captions dropped, for classifier-free guidance), with an EMA of the weights;
@@ -137,8 +138,8 @@ def build_tokenizer(folder: str) -> CLIPTokenizer:
 def build_models(
     vocab_size: int, latent_factor: int = 4
 ) -> tuple[AutoencoderKL, UNet2DConditionModel, CLIPTextModel]:
-    """latent_factor: the VAE's downsampling per side, 4 (64 px -> 16x16x4, the shipped model) or 8
-    (64 px -> 8x8x4, Stable Diffusion's factor: one more encoder/decoder block)."""
+    """latent_factor: the VAE's downsampling per side, 4 (64 px -> 16x16x4, the first model) or 8
+    (64 px -> 8x8x4, Stable Diffusion's factor, the shipped model: one more encoder/decoder block)."""
     if latent_factor not in (4, 8):
         raise ValueError(f"latent_factor must be 4 or 8, got {latent_factor}")
     blocks = (16, 32, 64) if latent_factor == 4 else (16, 32, 64, 64)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -59,3 +60,34 @@ def test_gains_at_equal_minutes_take_each_runs_last_evaluation_within_the_limit(
     assert "| 1.0 | +0.000, +0.000 | +0.000 |" in table
     assert "| 3.0 | +0.100, +0.000 | +0.050 |" in table
     assert "| 4.0 | +0.050, +0.200 | +0.125 |" in table
+
+
+def test_previous_defaults_keep_their_updates_per_rollout():
+    """OLD and SIX_STEPS spell out what their minibatch default was (4 updates of 8 images), so
+    today's default rule (2 updates per rollout) does not change the runs they reproduce."""
+    import loop
+
+    for values in (time_to_gain.OLD, time_to_gain.SIX_STEPS):
+        cfg = loop.Config(**{k: v for k, v in values.items() if k != "model"})
+        sizes = loop.check_config(cfg, 1)
+        assert (sizes["minibatch"], sizes["micro_batch"], cfg.images_per_epoch) == (8, 8, 32)
+    default = loop.check_config(loop.Config(), 1)
+    assert (default["minibatch"], default["micro_batch"]) == (32, 32)  # 2 updates of 32
+    assert loop.check_config(loop.Config(algo="rloo"), 1)["minibatch"] == 64  # on-policy: one
+
+
+def test_old_model_extracts_a_model_folder_from_git(tmp_path, monkeypatch):
+    """old_model() writes the assets/tiny-shapes of a commit into a folder (here HEAD's, which any
+    clone has), file for file, and leaves an existing folder alone."""
+    monkeypatch.setattr(time_to_gain, "OLD_MODEL_COMMIT", "HEAD")
+    folder = time_to_gain.old_model(str(tmp_path / "old"))
+    shipped = REPO / "assets" / "tiny-shapes"
+    names = sorted(p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file())
+    assert (
+        sorted(p.relative_to(folder) for p in (tmp_path / "old").rglob("*") if p.is_file()) == names
+    )
+    weights = Path("unet") / "diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "old" / weights).read_bytes() == (shipped / weights).read_bytes()
+    (tmp_path / "old" / "marker").write_text("kept")
+    time_to_gain.old_model(folder)
+    assert (tmp_path / "old" / "marker").read_text() == "kept"
