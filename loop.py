@@ -1068,6 +1068,8 @@ def config_from_flags(flags: dict) -> Config:
         if not (run / "config.json").is_file() or not (run / "checkpoint" / "state.pt").is_file():
             raise UsageError(f"--resume {run}: no config.json and checkpoint/ there; pass a run")
         values = json.loads((run / "config.json").read_text())
+        if stale := sorted(set(values) - set(hints)):  # written by another version of loop.py
+            raise UsageError(f"--resume {run}: config.json has {stale}, unknown here; delete them")
     for name, value in flags.items():
         kind = hints[name]
         try:

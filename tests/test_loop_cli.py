@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -278,3 +279,18 @@ def test_help_lists_every_flag():
     assert result.returncode == 0
     for name in loop.Config.__dataclass_fields__:
         assert f"--{name} " in result.stdout
+
+
+def test_resume_names_config_fields_another_version_wrote(tmp_path):
+    """A run folder whose config.json holds a field this loop.py lacks (written by another
+    version) is a clear UsageError naming the field, not a TypeError from Config."""
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "state.pt").write_bytes(b"")
+    fields = dataclasses.asdict(loop.Config()) | {"lr_half_life": 0.0}
+    (run / "config.json").write_text(json.dumps(fields))
+    with pytest.raises(loop.UsageError, match="lr_half_life"):
+        loop.config_from_flags({"resume": str(run)})
+    del fields["lr_half_life"]
+    (run / "config.json").write_text(json.dumps(fields))
+    assert loop.config_from_flags({"resume": str(run), "epochs": 3}).epochs == 3
