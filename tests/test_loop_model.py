@@ -162,7 +162,7 @@ def test_lora_parameters_change_and_base_parameters_do_not(tiny_model):
     optimizer = torch.optim.AdamW(loop.lora_parameters(models.unet), lr=cfg.lr)
     rng = random.Random(0)
     stats = loop.train_on_rollout(policy, batch, advantage, cfg, optimizer, rng, sizes)
-    assert sizes["updates_per_epoch"] == 8 and stats["grad_norm"] > 0
+    assert sizes["updates_per_epoch"] == 4 and stats["grad_norm"] > 0  # 2 minibatches x 2 passes
     after = {
         name: p.detach()
         for part in (models.unet, models.vae, models.text_encoder)
