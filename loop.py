@@ -16,7 +16,7 @@ Quickstart:
 Deviations from the paper (each with its reason):
  1. log pi is the MEAN over latent dimensions of the per-dimension Gaussian log-density (as DDPO's
     code), not the sum. The ratio is then exp(mean delta), so DDPO's/LOOP's clip range eps = 1e-4
-    keeps its meaning, and eps and the learning rate transfer between a 16x16 and a 64x64 latent.
+    keeps its meaning, and eps and the learning rate transfer between an 8x8 and a 64x64 latent.
     A sum would make the same eps absurdly tight (PITFALLS #4).
  2. Steps whose DDIM std sigma_t < MIN_SIGMA are not trained on (their log-prob is stored as 0).
     With set_alpha_to_one=True the last step has sigma_t = 0 and no density; a tiny sigma_t makes
@@ -33,7 +33,7 @@ Deviations from the paper (each with its reason):
  7. Prompts are drawn with replacement each epoch (the paper does not say).
  8. Default hyper-parameters fit the embedded 64x64 model on 2 CPU cores, not the paper's SD 2
     settings (the GPU quickstart shows those); all live in `Config`. T = 6 steps at w = 5: the model
-    stays calibrated; 64 images a rollout in 2 updates of 32: all 5 seeds learned (time_to_gain.py).
+    stays calibrated; 64 images a rollout in 2 updates of 32: 10 of 10 seeds learned (README).
  9. Optional KL penalty to the base model (`--kl_coef`, default 0 as in the paper), and a stop on
     a non-finite reward or gradient: one NaN update would destroy the LoRA weights silently.
 10. Steps with sigma_t < `--min_train_sigma` are sampled but not trained on (default 0.5: the tiny
@@ -44,7 +44,7 @@ Deviations from the paper (each with its reason):
     in the first, noisiest steps. Training half the steps halves the update cost.
 11. The held-out scores and the saved LoRA are an exponential moving average of the LoRA weights
     over epochs (`--ema_decay`, default 0.9: about the last 10 epochs; 0 = the last weights, as
-    the paper; training always continues from the raw weights). With 32 images per rollout the
+    the paper; training always continues from the raw weights). With 32-image rollouts the
     policy gradient is mostly noise (cosine ~0 between rollouts, measured at 10 steps), so
     the raw weights wander around their trend; the average removes part of that wander.
 
