@@ -164,6 +164,8 @@ class Config:
     """gradient-norm clip"""
     eval_every: int = 24
     """score the held-out prompts every this many epochs (and before training and at the end)"""
+    eval_raw: bool = False
+    """also score the raw (not averaged) LoRA weights at each evaluation: eval_raw_reward_mean"""
     seed: int = 0
     """seed of the LoRA init, the prompts and the sampling noise"""
     out: str = ""
@@ -919,6 +921,8 @@ def start_run(run: Path, cfg: Config, models, policy, prompts, reward_fn, optimi
     row = {"epoch": 0, "images_seen": 0, "reward_mean": None, "reward_std": None}
     row |= {"eval_reward_mean": reward.mean().item(), "eval_seconds": time.time() - tic}
     row |= {**dict.fromkeys(STAT_KEYS), "seconds": 0.0}
+    if cfg.eval_raw:  # before training the raw weights are the averaged ones
+        row["eval_raw_reward_mean"] = row["eval_reward_mean"]
     append_metrics(run, row)
     save_checkpoint(run, models.unet, optimizer, ema, 0)  # from here on, --resume always works
     return row["eval_reward_mean"]
@@ -1029,15 +1033,19 @@ def main(cfg: Config) -> Path:
         if show:
             train_grid = run / "samples" / f"train_epoch_{epoch + 1:04d}.png"
             save_grid(train_grid, batch.images[:16], prompts[:16], reward[:16])
-            with swapped_in(params, ema):
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                    eval_tic = time.time()
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                eval_tic = time.time()
+                if cfg.eval_raw:  # the weights trained on, before the EMA is swapped in
+                    raw = evaluate(models, policy, eval_prompts, reward_fn, micro)[0]
+                    row["eval_raw_reward_mean"] = raw.mean().item()
+                with swapped_in(params, ema):
                     eval_reward, images = evaluate(
                         models, policy, eval_prompts, reward_fn, micro, show
                     )
-                    save_grid(held_out_path(run, epoch + 1), images, eval_prompts, eval_reward)
-                    row["eval_reward_mean"] = eval_reward.mean().item()
-                    row["eval_seconds"] = time.time() - eval_tic
+                save_grid(held_out_path(run, epoch + 1), images, eval_prompts, eval_reward)
+                row["eval_reward_mean"] = eval_reward.mean().item()
+                row["eval_seconds"] = time.time() - eval_tic
+            with swapped_in(params, ema):
                 save_lora(models.unet, run / "lora")
             append_metrics(run, row | {"seconds": time.time() - tic - (row["eval_seconds"] or 0)})
             save_checkpoint(run, models.unet, optimizer, ema, epoch + 1)
@@ -1073,8 +1081,13 @@ def config_from_flags(flags: dict) -> Config:
     for name, value in flags.items():
         kind = hints[name]
         try:
-            values[name] = kind(value) if kind in (int, float) else str(value)
-        except (TypeError, ValueError):
+            if kind is bool:
+                values[name] = {"true": True, "1": True, "false": False, "0": False}[
+                    str(value).lower()
+                ]
+            else:
+                values[name] = kind(value) if kind in (int, float) else str(value)
+        except (KeyError, TypeError, ValueError):
             raise UsageError(f"--{name} {value!r}: expected {kind.__name__}") from None
         if kind is int and float(value) != int(value):
             raise UsageError(f"--{name} {value!r}: expected an integer")
