@@ -1,35 +1,22 @@
-"""The paper's comparison at equal images per epoch: reward against images seen for each estimator.
+"""The paper's comparison of the four estimators, run as bench/PROTOCOL.md fixes it.
 
-Measures, for each configuration of the grid and each seed, through loop.main (the real training
-loop, imported, never re-implemented): the training reward of every epoch, the held-out score of the
-EMA weights (what loop.py evaluates) and of the raw weights every `eval_every` epochs, images seen,
-seconds per epoch and the peak memory of the run. Writes to `--results`:
-    compare.csv        one row per (configuration, seed, epoch)
-    compare.png        training and held-out reward against images seen: mean over seeds, 80% band
-    compare.md         final held-out mean +- std over seeds; images needed to reach the reference's
-                       (PPO as DDPO) final held-out score; seconds per epoch; peak memory
+Every run is the real command line, `OMP_NUM_THREADS=1 python loop.py --algo .. --k .. --lr ..`, executed
+in a git worktree of one commit (so later edits of loop.py never change a run in flight, and a recorded
+row reproduces with `git checkout COMMIT` and its `command`). Stages:
 
-The grid (`GRID`): reinforce K=1, rloo K=4, ppo K=1 (DDPO: batch-normalised advantages), ppo K=4
-(group statistics, GRPO-like), loop K=2 and K=4; 3 seeds each. Held equal: every loop.Config field
-other than algo and k (images per epoch, epochs, lr, LoRA, DDIM steps, eta, guidance, clip range,
-trained steps, EMA, held-out prompts and noise). What differs is what each method requires: K, the
-advantage (and PPO's normalisation: `normalize_advantage auto`), and the updates per rollout (one for
-the on-policy reinforce/rloo, Config's minibatches for ppo/loop).
+    python bench/compare.py tune --jobs 2        # stage 1: 4 estimators x 3 lrs x seeds 100-102
+    python bench/compare.py evaluate --jobs 2    # stage 2: seeds 0-9 at the picked lrs (needs stage 1)
+    python bench/compare.py extend --jobs 2      # stage 3: seeds 10-19, only if the protocol says so
+    python bench/compare.py report               # tables, rliable intervals and figures from the CSVs
+    python bench/compare.py tune --tiny --jobs 2 # the test suite's tiny model and budget, seconds
 
-How the raw weights are scored: each run is trained in segments that end at the evaluation epochs,
-each segment a `--resume` of the last (resume is exact: tested in tests/test_loop_cli.py), and after
-each segment a separate child scores the raw LoRA weights saved in checkpoint/state.pt with
-loop.evaluate. At the end of a run it also re-scores the EMA weights and stops if that differs from
-the score loop.main logged: the bench's evaluation path is checked against loop.py's every run.
-
-Peak memory: ru_maxrss of the forked child that trains (see bench/common.py), max over segments.
-
-    python bench/compare.py                   # the grid: 6 configurations x 3 seeds, loop.Config's budget
-    python bench/compare.py --quick           # 4 configurations, 1 seed, epochs / 8: a check, not a result
-    python bench/compare.py --jobs 2          # two runs at a time, 1 thread each (2 cores)
-    python bench/compare.py --tiny            # the test suite's tiny random model, seconds
-Run folders go to --runs (default runs/bench-compare/, gitignored); a finished run (its bench.json)
-is reused when the script is run again, an unfinished one is started over.
+Results go to --results (default runs/compare/results, untracked); the committed results were made with
+`--results bench/results`, which only an explicit flag writes. Two CSVs there:
+    compare_runs.csv    one row per run: algo, k, lr, seed, reward, threads, final_heldout, ..., command, commit
+    compare_curves.csv  one row per run and epoch: training reward, held-out (EMA, raw), images, seconds
+A run already in compare_runs.csv is skipped, an interrupted one is continued with loop.py's --resume (exact),
+so a stage can be stopped and restarted at any time. `report` writes compare.md and the figures
+compare_fig2.png, compare_fig3.png, compare_intervals.png, compare_lr.png (needs bench/requirements.txt).
 """
 
 from __future__ import annotations
@@ -39,309 +26,572 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import shutil
+import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import loop
-import rewards
-from bench.common import (
-    BenchError,
-    cli_main,
-    default_threads,
-    fork_call,
-    fork_map,
-    have_matplotlib,
-    markdown_table,
-    mean_std,
-    preload,
-    tiny_model,
-)
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.common import BenchError, have_matplotlib, markdown_table, tiny_model
 
-GRID = {  # name -> the loop.Config fields that differ; everything else is loop.Config's default
-    "reinforce-k1": {"algo": "reinforce", "k": 1},
-    "rloo-k4": {"algo": "rloo", "k": 4},
-    "ppo-k1": {"algo": "ppo", "k": 1},  # DDPO: K = 1, batch-normalised advantages
-    "ppo-k4": {"algo": "ppo", "k": 4},  # group statistics (GRPO-like)
-    "loop-k2": {"algo": "loop", "k": 2},
-    "loop-k4": {"algo": "loop", "k": 4},
+# === The protocol (bench/PROTOCOL.md), as data
+TUNED = {"reinforce-k1": ("reinforce", 1), "rloo-k4": ("rloo", 4), "ppo-k1": ("ppo", 1),
+         "loop-k4": ("loop", 4)}  # fmt: skip
+TUNE_LRS = (1e-3, 2e-3, 4e-3)
+TUNE_SEEDS = (100, 101, 102)
+EVALUATED = {  # configuration -> (algo, K, the tuned configuration whose lr it uses)
+    "reinforce-k1": ("reinforce", 1, "reinforce-k1"),
+    "rloo-k4": ("rloo", 4, "rloo-k4"),
+    "ppo-k1": ("ppo", 1, "ppo-k1"),
+    "ppo-k4": ("ppo", 4, "ppo-k1"),
+    "loop-k2": ("loop", 2, "loop-k4"),
+    "loop-k4": ("loop", 4, "loop-k4"),
+    "loop-k8": ("loop", 8, "loop-k4"),
 }
-QUICK = ("reinforce-k1", "rloo-k4", "ppo-k1", "loop-k4")
-REFERENCE = "ppo-k1"  # "images needed to reach PPO's final score": PPO as DDPO
-# --tiny: the budget of tests/test_loop_cli.py's smoke runs, on the test suite's tiny random model
-TINY = {
-    "reward": "jpeg_compressibility",
-    "images_per_epoch": 4,
-    "num_steps": 3,
-    "micro_batch": 2,
-    "epochs": 2,
-    "eval_every": 1,
-    "num_eval_prompts": 2,
-}
-BAND = (10, 90)  # percentiles over seeds of the shaded band: 80%, as the paper's figures
-CSV_FIELDS = (
-    "config", "algo", "k", "seed", "epoch", "images_seen", "reward_mean", "reward_std",
-    "eval_ema", "eval_raw", "seconds", "approx_kl", "clipfrac", "grad_norm", "peak_rss_mb",
-)  # fmt: skip
+TASKS = {"color": list(EVALUATED), "shape": ["ppo-k1", "loop-k4"], "spatial": ["ppo-k1", "loop-k4"]}
+EVAL_SEEDS, EXTRA_SEEDS = tuple(range(10)), tuple(range(10, 20))
+EXTENDED = ("loop-k4", "ppo-k1", "rloo-k4")  # stage 3's configurations
+PAIRS = [("loop-k4", "ppo-k1", "color"), ("loop-k4", "rloo-k4", "color"),
+         ("rloo-k4", "reinforce-k1", "color"), ("ppo-k1", "reinforce-k1", "color"),
+         ("loop-k8", "loop-k2", "color"), ("loop-k4", "ppo-k1", "shape"),
+         ("loop-k4", "ppo-k1", "spatial")]  # fmt: skip
+THRESHOLD_GAIN = 0.10  # images_to_threshold: held-out EMA >= untrained + this
+LAST_EPOCHS = 10  # final_train_reward: mean training reward of the last this many epochs
+REPS, CI = 20_000, 0.95  # stratified bootstrap resamples and interval size
+# --tiny: the test suite's tiny random model, 2 epochs (a check of the machinery, not a result)
+TINY_FLAGS = ["--images_per_epoch", "8", "--num_steps", "3", "--micro_batch", "4", "--epochs", "2",
+              "--num_eval_prompts", "2", "--min_train_sigma", "0"]  # fmt: skip
+RUN_FIELDS = ("stage", "config", "algo", "k", "lr", "seed", "reward", "threads", "epochs",
+              "untrained_heldout", "final_heldout", "final_heldout_raw", "final_train_reward",
+              "images_to_threshold", "train_seconds", "cpu", "commit", "command")  # fmt: skip
+CURVE_FIELDS = ("stage", "config", "lr", "seed", "reward", "epoch", "images_seen", "train_reward",
+                "heldout", "heldout_raw", "seconds")  # fmt: skip
 
 
-# === One run: train in segments that end at the evaluation epochs, score the raw weights after each
-def evaluation_epochs(epochs: int, eval_every: int) -> list[int]:
-    """The epochs after which loop.main scores the held-out prompts (besides epoch 0)."""
-    ends = list(range(eval_every, epochs + 1, eval_every))
-    return ends if ends and ends[-1] == epochs else [*ends, epochs]
+@dataclass(frozen=True)
+class Run:
+    stage: str
+    config: str
+    algo: str
+    k: int
+    lr: float
+    seed: int
+    reward: str
+    eval_every: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}/{self.reward}-{self.config}-lr{self.lr:g}-s{self.seed}"
+
+    def flags(self) -> list[str]:
+        return ["--algo", self.algo, "--k", str(self.k), "--reward", self.reward,
+                "--lr", f"{self.lr:g}", "--seed", str(self.seed),
+                "--eval_every", str(self.eval_every), "--eval_raw", "true"]  # fmt: skip
 
 
-def train_segment(cfg: loop.Config) -> None:
-    """One segment: loop.main up to cfg.epochs (a fresh run or a --resume)."""
-    torch.set_flush_denormal(True)
-    loop.main(cfg)
+def plan_tune(lrs=TUNE_LRS, seeds=TUNE_SEEDS, configs=tuple(TUNED)) -> list[Run]:
+    """Stage 1, seed-major: a stopped stage leaves whole seeds, every configuration and lr alike."""
+    return [Run("tune", c, *TUNED[c], lr, s, "color", 48) for s in seeds for c in configs
+            for lr in lrs]  # fmt: skip
 
 
-def score_checkpoint(cfg: loop.Config, run: Path, with_ema: bool) -> dict:
-    """Held-out mean of the raw LoRA weights in run/checkpoint (and of the EMA), by loop.evaluate."""
-    from peft.utils import set_peft_model_state_dict
-
-    torch.set_flush_denormal(True)
-    path = loop.resolve_model_path(cfg.model)
-    reward_name, _, eval_prompts = loop.resolve_reward_and_prompts(cfg, path)
-    weight_dtype = loop.weight_dtype_for(cfg.mixed_precision, torch.device("cpu"))
-    models = loop.load_models(
-        path, torch.device("cpu"), weight_dtype, cfg.lora_rank, cfg.seed, cfg.lora_modules
-    )
-    state = torch.load(run / "checkpoint" / "state.pt", weights_only=False, map_location="cpu")
-    set_peft_model_state_dict(models.unet, state["lora"])
-    policy = loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
-    reward_fn = rewards.load_reward(reward_name)
-    micro = loop.check_config(cfg, 1)["micro_batch"]  # the batches loop.main evaluates with
-    raw, _ = loop.evaluate(models, policy, eval_prompts, reward_fn, micro)
-    scores = {"epoch": state["next_epoch"], "eval_raw": raw.mean().item()}
-    if with_ema:
-        with loop.swapped_in(loop.lora_parameters(models.unet), state["ema"]):
-            scores["eval_ema"] = (
-                loop.evaluate(models, policy, eval_prompts, reward_fn, micro)[0].mean().item()
-            )
-    return scores
+def plan_evaluate(picks: dict, seeds=EVAL_SEEDS, only=None) -> list[Run]:
+    """Stage 2 (or 3 with only=EXTENDED and seeds 10-19), seed-major over tasks and configurations."""
+    runs = []
+    for seed in seeds:
+        for task, configs in TASKS.items():
+            for c in configs:
+                if only is None or (c in only and task == "color"):
+                    algo, k, tuned = EVALUATED[c]
+                    runs.append(Run("evaluate", c, algo, k, picks[tuned], seed, task, 4))
+    return runs
 
 
-def run_one(name: str, cfg: loop.Config, threads: int) -> list[dict]:
-    """Train one (configuration, seed) in segments; returns its CSV rows (also in run/bench.json)."""
-    run = Path(cfg.out)
-    if (run / "bench.json").is_file():
-        return json.loads((run / "bench.json").read_text())
-    if run.exists():  # an unfinished run from an interrupted grid: start it over
-        shutil.rmtree(run)
-    log, peak, raw = run.with_name(run.name + ".log"), 0.0, {0: None}
-    ends = evaluation_epochs(cfg.epochs, cfg.eval_every)
-    for i, end in enumerate(ends):
-        segment = dataclasses.replace(cfg, epochs=end, resume=str(run) if i else "")
-        peak = max(peak, fork_call(train_segment, segment, threads=threads, log=log)["peak_rss_mb"])
-        last = end == cfg.epochs
-        scores = fork_call(score_checkpoint, cfg, run, last, threads=threads, log=log)["value"]
-        raw[end] = scores["eval_raw"]
-    metrics = loop.read_metrics(run)
-    raw[0] = metrics[0]["eval_reward_mean"]  # before training the raw weights are the EMA's
-    logged = metrics[-1]["eval_reward_mean"]
-    if not math.isclose(scores["eval_ema"], logged, rel_tol=1e-5, abs_tol=1e-6):
-        raise BenchError(
-            f"{run}: re-scoring the EMA weights gave {scores['eval_ema']:.6f}, loop.main logged "
-            f"{logged:.6f}; the bench does not evaluate as loop.py does"
+# === Running: one worktree per commit, one subprocess per run, resume what was interrupted
+def git(*args: str, cwd: Path = REPO) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def worktree(commit: str, runs: Path) -> Path:
+    """A detached worktree of commit under runs/ (created once): the code every run executes."""
+    path = (runs / f"src-{commit[:10]}").resolve()
+    if not (path / "loop.py").is_file():
+        shutil.rmtree(path, ignore_errors=True)
+        git("worktree", "prune")
+        git("worktree", "add", "--detach", str(path), commit)
+    return path
+
+
+def command_line(run: Run, threads: int, extra: list[str]) -> str:
+    return " ".join([f"OMP_NUM_THREADS={threads}", "python", "loop.py", *run.flags(), *extra])
+
+
+def metrics_of(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def finished(folder: Path, epochs: int) -> bool:
+    rows = metrics_of(folder)
+    return bool(rows) and rows[-1]["epoch"] == epochs and rows[-1]["eval_reward_mean"] is not None
+
+
+def execute(run: Run, src: Path, out: Path, threads: int, extra: list[str], epochs: int) -> Path:
+    """loop.py for one run (fresh, or --resume of an interrupted one); its log next to the folder."""
+    folder = out / run.name
+    if finished(folder, epochs):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if (folder / "checkpoint" / "state.pt").is_file():
+        args = ["--resume", str(folder)]
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        args = [*run.flags(), *extra, "--out", str(folder)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    with open(folder.with_name(folder.name + ".log"), "a") as log:
+        done = subprocess.run([sys.executable, "loop.py", *args], cwd=src, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, check=False)  # fmt: skip
+    if done.returncode or not finished(folder, epochs):
+        raise BenchError(f"{run.name} failed (exit {done.returncode}); see {folder}.log")
+    return folder
+
+
+def summarise(run: Run, folder: Path, threads: int, commit: str, cmd: str) -> tuple[dict, list]:
+    """The run's row of compare_runs.csv and its rows of compare_curves.csv."""
+    rows = metrics_of(folder)
+    evals = [r for r in rows if r["eval_reward_mean"] is not None]
+    untrained, last = evals[0]["eval_reward_mean"], evals[-1]
+    reached = [
+        r["images_seen"] for r in evals if r["eval_reward_mean"] >= untrained + THRESHOLD_GAIN
+    ]
+    train = [r["reward_mean"] for r in rows[1:]]
+    record = {
+        "stage": run.stage, "config": run.config, "algo": run.algo, "k": run.k, "lr": run.lr,
+        "seed": run.seed, "reward": run.reward, "threads": threads, "epochs": rows[-1]["epoch"],
+        "untrained_heldout": untrained, "final_heldout": last["eval_reward_mean"],
+        "final_heldout_raw": last.get("eval_raw_reward_mean"),
+        "final_train_reward": float(np.mean(train[-LAST_EPOCHS:])),
+        "images_to_threshold": reached[0] if reached else "",
+        "train_seconds": round(sum(r["seconds"] for r in rows), 1),
+        "cpu": cpu_name(threads), "commit": commit, "command": cmd,
+    }  # fmt: skip
+    curves = [{
+        "stage": run.stage, "config": run.config, "lr": run.lr, "seed": run.seed,
+        "reward": run.reward, "epoch": r["epoch"], "images_seen": r["images_seen"],
+        "train_reward": r["reward_mean"], "heldout": r["eval_reward_mean"],
+        "heldout_raw": r.get("eval_raw_reward_mean"), "seconds": r["seconds"],
+    } for r in rows]  # fmt: skip
+    return record, curves
+
+
+def cpu_name(threads: int) -> str:
+    import torch
+
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    model = names[0] if names else platform.processor()
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+CSV_LOCK = threading.Lock()  # runs end in worker threads; their rows are appended one at a time
+
+
+def append_csv(path: Path, fields: tuple, rows: list[dict]) -> None:
+    with CSV_LOCK, open(path, "a", newline="") as f:
+        new = f.tell() == 0
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_all(runs_list: list[Run], jobs: int, threads: int, results: Path, runs: Path,
+            tiny: bool, commit: str) -> list[dict]:  # fmt: skip
+    """Execute every run not yet in compare_runs.csv, `jobs` at a time; append rows as each ends."""
+    from tqdm import tqdm
+
+    results.mkdir(parents=True, exist_ok=True)
+    if tiny:  # the tiny random model draws no shapes: a reward it can be scored by
+        runs_list = [dataclasses.replace(r, reward="jpeg_compressibility") for r in runs_list]
+    key = lambda r: (r["stage"], r["config"], float(r["lr"]), int(r["seed"]), r["reward"])
+    done = {key(r) for r in read_csv(results / "compare_runs.csv")}
+    todo = [r for r in runs_list if (r.stage, r.config, r.lr, r.seed, r.reward) not in done]
+    commit = git("rev-parse", commit).strip()
+    if git("status", "--porcelain", "loop.py", "rewards.py", "assets"):
+        print(
+            f"note: loop.py, rewards.py or assets/ have uncommitted changes; runs use {commit[:10]}"
         )
-    rows = [
-        {
-            "config": name,
-            "algo": cfg.algo,
-            "k": cfg.k,
-            "seed": cfg.seed,
-            "epoch": m["epoch"],
-            "images_seen": m["images_seen"],
-            "reward_mean": m["reward_mean"],
-            "reward_std": m["reward_std"],
-            "eval_ema": m["eval_reward_mean"],
-            "eval_raw": raw.get(m["epoch"]),
-            "seconds": m["seconds"],
-            "approx_kl": m["approx_kl"],
-            "clipfrac": m["clipfrac"],
-            "grad_norm": m["grad_norm"],
-            "peak_rss_mb": peak,
-        }
-        for m in metrics
-    ]
-    (run / "bench.json").write_text(json.dumps(rows))
-    return rows
+    src = worktree(commit, runs)
+    extra: list[str] = []
+    if tiny:
+        model, prompts = tiny_model(runs / "tiny-model")
+        extra = [*TINY_FLAGS, "--model", str(model.resolve()), "--train_prompts",
+                 str(prompts.resolve())]  # fmt: skip
+    epochs = 2 if tiny else 48
+    print(f"{len(todo)} of {len(runs_list)} runs to do, {jobs} at a time, {threads} thread(s) each, "
+          f"code at {commit[:10]}")  # fmt: skip
+
+    def one(run: Run) -> dict:
+        folder = execute(run, src, runs.resolve(), threads, extra, epochs)
+        cmd = command_line(run, threads, extra)
+        record, curve_rows = summarise(run, folder, threads, commit, cmd)
+        append_csv(results / "compare_curves.csv", CURVE_FIELDS, curve_rows)
+        append_csv(results / "compare_runs.csv", RUN_FIELDS, [record])
+        return record
+
+    records = []
+    with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(todo), desc="runs") as bar:
+        for record in pool.map(one, todo):  # rows are appended in completion order by one()
+            records.append(record)
+            bar.update()
+            tqdm.write(f"{record['config']} {record['reward']} lr {record['lr']:g} seed "
+                       f"{record['seed']}: held-out {record['final_heldout']:.4f}")  # fmt: skip
+    return records
 
 
-# === The grid
-def grid_configs(names: list[str], seeds: list[int], base: dict, runs: Path) -> list[tuple]:
-    """(name, loop.Config) for every configuration and seed; each Config is checked by loop."""
-    out = []
-    for name in names:
-        for seed in seeds:
-            cfg = loop.Config(**base, **GRID[name], seed=seed, out=str(runs / f"{name}-s{seed}"))
-            loop.check_config(cfg, 1)  # bad input stops here, before any run starts
-            out.append((name, cfg))
-    return out
+# === Picking the learning rates (stage 1)
+def lr_table(runs_rows: list[dict]) -> dict:
+    """{config: {lr: [final held-out EMA of each tuning seed]}}"""
+    table: dict = {}
+    for r in runs_rows:
+        if r["stage"] == "tune":
+            table.setdefault(r["config"], {}).setdefault(float(r["lr"]), []).append(
+                float(r["final_heldout"])
+            )
+    return table
 
 
-def curves(rows: list[dict], name: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """images_seen (E,) and values (seeds, E) of one configuration, epochs where key is set."""
-    seeds = sorted({r["seed"] for r in rows if r["config"] == name})
-    per_seed = [
-        [(r["images_seen"], r[key]) for r in rows if r["config"] == name and r["seed"] == s]
-        for s in seeds
-    ]
-    per_seed = [[(x, y) for x, y in points if y is not None] for points in per_seed]
-    images = np.array([x for x, _ in per_seed[0]], dtype=float)
-    values = np.array([[y for _, y in points] for points in per_seed], dtype=float)
-    return images, values  # (E,), (S, E)
+def pick_lrs(runs_rows: list[dict], seeds: int = len(TUNE_SEEDS)) -> tuple[dict, dict]:
+    """(picks, edges): the lr of highest mean final held-out score per tuned configuration (ties
+    within 1e-4 to the smaller lr), and for a pick at its grid's edge the lr the edge rule adds."""
+    picks, edges = {}, {}
+    for config, by_lr in lr_table(runs_rows).items():
+        complete = {lr: np.mean(v) for lr, v in by_lr.items() if len(v) >= seeds}
+        if len(complete) < len(TUNE_LRS):
+            continue  # stage 1 unfinished for this configuration
+        best = max(complete.values())
+        picks[config] = min(lr for lr, m in complete.items() if m >= best - 1e-4)
+        grid = sorted(complete)
+        extended = len(grid) > len(TUNE_LRS)
+        if picks[config] == grid[0] and not (extended and grid[0] < min(TUNE_LRS)):
+            edges[config] = grid[0] / 2
+        elif picks[config] == grid[-1] and not (extended and grid[-1] > max(TUNE_LRS)):
+            edges[config] = grid[-1] * 2
+    return picks, edges
 
 
-def images_to_reach(images: np.ndarray, mean: np.ndarray, target: float) -> float | None:
-    """First images_seen at which the mean-over-seeds curve reaches target (None: never)."""
-    reached = np.nonzero(mean >= target)[0]
-    return float(images[reached[0]]) if len(reached) else None
+# === Aggregates: rliable's IQM and probability of improvement, prediction intervals, detectable difference
+def scores_of(
+    runs_rows: list[dict], config: str, task: str, key: str = "final_heldout"
+) -> np.ndarray:
+    values = [float(r[key]) for r in runs_rows
+              if r["stage"] == "evaluate" and r["config"] == config and r["reward"] == task]  # fmt: skip
+    return np.array(values).reshape(-1, 1)  # (runs, 1 task), rliable's layout
 
 
-def summary_table(rows: list[dict], names: list[str]) -> str:
-    """The markdown table: one line per configuration."""
-    target = None
-    if REFERENCE in names:
-        target = curves(rows, REFERENCE, "eval_ema")[1][:, -1].mean()
-    table = []
-    for name in names:
-        mine = [r for r in rows if r["config"] == name]
-        images, ema = curves(rows, name, "eval_ema")
-        raw = curves(rows, name, "eval_raw")[1]
-        seconds = [r["seconds"] for r in mine if r["epoch"] > 0]
-        first = ema[:, 0].mean()
-        (m, s), (mr, sr) = mean_std(ema[:, -1].tolist()), mean_std(raw[:, -1].tolist())
-        if target is None:
-            reach_text = "n/a"
-        elif target <= first:  # every curve would "reach" it before training
-            reach_text = f"n/a ({REFERENCE} ends below the start)"
-        else:
-            reach = images_to_reach(images, ema.mean(axis=0), target)
-            reach_text = f"{reach:.0f}" if reach is not None else "not reached"
-        table.append([
-            name, len(ema), f"{first:.3f}", f"{m:.3f} +- {s:.3f}", f"{mr:.3f} +- {sr:.3f}",
-            reach_text, f"{np.median(seconds):.2f}", f"{max(r['peak_rss_mb'] for r in mine):.0f}",
-        ])  # fmt: skip
-    header = [
-        "config", "seeds", "held-out before", "held-out after (EMA), mean +- std",
-        "held-out after (raw)", f"images to reach {REFERENCE}'s final (EMA)",
-        "s / epoch (median)", "peak RSS MB",
-    ]  # fmt: skip
-    return markdown_table(header, table)
+def iqm_intervals(score_dict: dict) -> dict:
+    """{name: (IQM, low, high)}: interquartile mean with a stratified-bootstrap 95% interval."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    point, ci = rly.get_interval_estimates(
+        score_dict, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=REPS,
+        confidence_interval_size=CI, random_state=np.random.RandomState(0),
+    )  # fmt: skip
+    return {n: (float(point[n][0]), float(ci[n][0][0]), float(ci[n][1][0])) for n in score_dict}
 
 
-def plot(rows: list[dict], names: list[str], path: Path) -> Path | None:
-    """Training and held-out reward against images seen: mean over seeds and the 80% band."""
-    if not have_matplotlib():
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return None
+def improvement_probabilities(pairs: dict) -> dict:
+    """{name: (P(X > Y), low, high)} for pairs {name: (scores_x, scores_y)}, rliable's estimator."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    point, ci = rly.get_interval_estimates(
+        pairs, metrics.probability_of_improvement, reps=REPS,
+        confidence_interval_size=CI, random_state=np.random.RandomState(0),
+    )  # fmt: skip
+    return {n: (float(point[n]), float(ci[n][0]), float(ci[n][1])) for n in pairs}
+
+
+def verdict(low: float, high: float) -> str:
+    if low > 0.5:
+        return "supported"
+    if high < 0.5:
+        return "contradicted"
+    return "not resolved at this budget"
+
+
+def detectable_difference(x: np.ndarray, y: np.ndarray) -> float:
+    """Smallest true difference of means found with 80% power at two-sided 5%, n seeds each."""
+    n = min(len(x), len(y))
+    pooled = math.sqrt((np.var(x, ddof=1) + np.var(y, ddof=1)) / 2)
+    return (1.959964 + 0.841621) * math.sqrt(2) * pooled / math.sqrt(n)
+
+
+def prediction_band(values: np.ndarray, level: float = 0.80) -> tuple[np.ndarray, ...]:
+    """Mean and the normal-theory prediction interval of one more seed: (S, E) -> 3 x (E,)."""
+    from scipy import stats
+
+    n = values.shape[0]
+    mean, sd = values.mean(axis=0), values.std(axis=0, ddof=1)
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd * math.sqrt(1 + 1 / n)
+    return mean, mean - half, mean + half
+
+
+# === The report: tables and figures from the two CSVs
+def report(results: str = "runs/compare/results") -> Path:
+    """compare.md and the figures from compare_runs.csv / compare_curves.csv under --results."""
+    folder = Path(results)
+    runs_rows = read_csv(folder / "compare_runs.csv")
+    if not runs_rows:
+        raise BenchError(f"{folder / 'compare_runs.csv'}: no runs yet; run a stage first")
+    picks, edges = pick_lrs(runs_rows)
+    lines = ["# The comparison of the four estimators (bench/PROTOCOL.md)", "",
+             (f"Runs: {len(runs_rows)}; commits: {sorted({r['commit'][:10] for r in runs_rows})}; "
+              f"CPUs: {sorted({r['cpu'] for r in runs_rows})}; threads per run: "
+              f"{sorted({r['threads'] for r in runs_rows})}."), "", "## Stage 1: learning rates", ""]  # fmt: skip
+    table = lr_table(runs_rows)
+    lrs = sorted({lr for by_lr in table.values() for lr in by_lr})
+    body = [[c, *[_mean_cell(table[c].get(lr)) for lr in lrs], f"{picks[c]:g}" if c in picks else "-",
+             f"{edges[c]:g}" if c in edges else ""] for c in table]  # fmt: skip
+    header = ["configuration", *[f"lr {lr:g}" for lr in lrs], "pick", "edge rule adds"]
+    lines += [markdown_table(header, body)]
+    if any(r["stage"] == "evaluate" for r in runs_rows):
+        lines += evaluation_sections(runs_rows)
+    (folder / "compare.md").write_text("\n".join(lines) + "\n")
+    if have_matplotlib():
+        plot_lr(table, folder / "compare_lr.png")
+        curves = read_csv(folder / "compare_curves.csv")
+        if any(r["stage"] == "evaluate" for r in runs_rows):
+            plot_training_reward(curves, [("color", c) for c in ("reinforce-k1", "rloo-k4", "ppo-k1")],
+                                 folder / "compare_fig2.png")  # fmt: skip
+            plot_figure3(curves, folder / "compare_fig3.png")
+            plot_intervals(runs_rows, folder / "compare_intervals.png")
+    print((folder / "compare.md").read_text())
+    return folder / "compare.md"
+
+
+def _mean_cell(values) -> str:
+    if not values:
+        return ""
+    return f"{np.mean(values):.3f} ({', '.join(f'{v:.3f}' for v in values)})"
+
+
+def evaluation_sections(runs_rows: list[dict]) -> list[str]:
+    lines = ["", "## Stage 2: final scores, IQM with 95% stratified-bootstrap intervals", ""]
+    body = []
+    for task, configs in TASKS.items():
+        present = [c for c in configs if len(scores_of(runs_rows, c, task)) >= 2]
+        held = iqm_intervals({c: scores_of(runs_rows, c, task) for c in present}) if present else {}
+        train = iqm_intervals({c: scores_of(runs_rows, c, task, "final_train_reward")
+                               for c in present}) if present else {}  # fmt: skip
+        for c in present:
+            mine = [r for r in runs_rows if r["stage"] == "evaluate" and r["config"] == c
+                    and r["reward"] == task]  # fmt: skip
+            reach = [float(r["images_to_threshold"]) for r in mine if r["images_to_threshold"]]
+            body.append([task, c, f"{float(mine[0]['lr']):g}", len(mine), _interval(held[c]),
+                         _interval(train[c]), f"{len(reach)}/{len(mine)}",
+                         f"{np.median(reach):.0f}" if reach else "-"])  # fmt: skip
+    header = ["task", "configuration", "lr", "seeds", "held-out (EMA) IQM [95% CI]",
+              "training reward, last 10 epochs, IQM [95% CI]",
+              f"runs reaching untrained + {THRESHOLD_GAIN}", "images to reach it (median)"]  # fmt: skip
+    lines += [markdown_table(header, body), "## Probability of improvement (held-out, EMA)", ""]
+    body = []
+    for x, y, task in PAIRS:
+        sx, sy = scores_of(runs_rows, x, task), scores_of(runs_rows, y, task)
+        if len(sx) < 2 or len(sy) < 2:
+            continue
+        p = improvement_probabilities({"p": (sx, sy)})["p"]
+        body.append([f"{x} > {y}", task, f"{len(sx)} / {len(sy)}", _interval(p, 2),
+                     verdict(p[1], p[2]), f"{sx.mean() - sy.mean():+.3f}",
+                     f"{detectable_difference(sx[:, 0], sy[:, 0]):.3f}"])  # fmt: skip
+    header = ["claim", "task", "seeds", "P(X > Y) [95% CI]", "verdict", "mean difference",
+              "smallest detectable difference"]  # fmt: skip
+    return [*lines, markdown_table(header, body)]
+
+
+def _interval(values: tuple, digits: int = 3) -> str:
+    point, low, high = values
+    return f"{point:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _curve(curves: list[dict], config: str, task: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """epochs (E,) and values (S, E) of the evaluation runs of one configuration and task."""
+    rows = [r for r in curves if r["stage"] == "evaluate" and r["config"] == config
+            and r["reward"] == task and r[key] not in ("", None)]  # fmt: skip
+    seeds = sorted({r["seed"] for r in rows})
+    by_seed = [[(int(r["epoch"]), float(r[key])) for r in rows if r["seed"] == s] for s in seeds]
+    epochs = np.array([e for e, _ in sorted(by_seed[0])]) if by_seed else np.zeros(0)
+    values = np.array([[v for _, v in sorted(points)] for points in by_seed])
+    return epochs, values
+
+
+def plot_training_reward(curves: list[dict], lines: list[tuple], path: Path, ax=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for name, color in zip(names, plt.cm.tab10.colors):
-        for ax, key in zip(axes, ("reward_mean", "eval_ema")):
-            images, values = curves(rows, name, key)
-            low, high = np.percentile(values, BAND, axis=0)
-            ax.plot(images, values.mean(axis=0), color=color, label=name)
-            ax.fill_between(images, low, high, color=color, alpha=0.2, linewidth=0)
-        images, raw = curves(rows, name, "eval_raw")
-        axes[1].plot(images, raw.mean(axis=0), color=color, linestyle=":", linewidth=1)
-    axes[0].set(title="training reward (rollout mean)", xlabel="images seen", ylabel="reward")
-    axes[1].set(title="held-out (solid: EMA weights, dotted: raw)", xlabel="images seen")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"mean over seeds, band: {BAND[0]}th-{BAND[1]}th percentile over seeds")
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(5.5, 4), constrained_layout=True)
+    for (task, config), color in zip(lines, plt.cm.tab10.colors):
+        epochs, values = _curve(curves, config, task, "train_reward")
+        if len(values) < 2:
+            continue
+        mean, low, high = prediction_band(values)
+        ax.plot(epochs, mean, color=color, label=f"{config} ({len(values)} seeds)")
+        ax.fill_between(epochs, low, high, color=color, alpha=0.2, linewidth=0)
+    ax.set(xlabel="epoch (64 images each)", ylabel="training reward")
+    ax.legend(fontsize=8)
+    if own:
+        ax.set_title("training reward: mean and 80% prediction interval over seeds", fontsize=9)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def plot_figure3(curves: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
+    for ax, task in zip(axes, TASKS):
+        plot_training_reward(curves, [(task, "ppo-k1"), (task, "loop-k4")], path, ax=ax)
+        ax.set_title(task)
+    fig.suptitle(
+        "PPO K=1 vs LOOP K=4: training reward, mean and 80% prediction interval over seeds"
+    )
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
 
 
-def write_results(rows: list[dict], names: list[str], results: Path, note: str) -> dict:
-    """compare.csv, compare.md and compare.png under results; returns their paths."""
-    results.mkdir(parents=True, exist_ok=True)
-    with open(results / "compare.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    table = summary_table(rows, names)
-    (results / "compare.md").write_text(f"{note}\n\n{table}")
-    return {"csv": results / "compare.csv", "md": results / "compare.md",
-            "png": plot(rows, names, results / "compare.png")}  # fmt: skip
+def plot_intervals(runs_rows: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
 
-
-def main(
-    quick: bool = False,
-    tiny: bool = False,
-    configs: str = "",
-    seeds: int = 3,
-    epochs: int = 0,
-    eval_every: int = 0,
-    jobs: int = 1,
-    threads: int = 0,
-    model: str = "",
-    runs: str = "runs/bench-compare",
-    results: str = "bench/results",
-) -> dict:
-    """The grid (or --quick / --tiny), then the CSV, table and plot. Returns the output paths.
-
-    configs: comma-separated names of GRID (default: all; --quick: QUICK); seeds: seeds 0..seeds-1;
-    epochs / eval_every: 0 = loop.Config's (--quick: epochs / 8, evaluated at the end only);
-    jobs: runs at a time; threads: torch threads per run (0: torch's threads / jobs)."""
-    names = [n.strip() for n in configs.split(",") if n.strip()] or list(QUICK if quick else GRID)
-    if unknown := [n for n in names if n not in GRID]:
-        raise BenchError(f"unknown --configs {unknown}; choose from {', '.join(GRID)}")
-    if seeds < 1 or epochs < 0 or eval_every < 0:
-        raise BenchError("--seeds must be >= 1, --epochs and --eval_every >= 0")
-    base: dict = {}
-    runs_dir = Path(runs)
-    if tiny:
-        base |= TINY
-        tiny_path, prompts = tiny_model(runs_dir / "tiny-model")
-        base |= {"model": str(tiny_path), "train_prompts": str(prompts)}
-    if model:
-        base["model"] = model
-    defaults = loop.Config(**base)
-    if quick:
-        seeds = 1
-        epochs = epochs or max(2, defaults.epochs // 8)
-        eval_every = eval_every or epochs
-    base["epochs"] = epochs or defaults.epochs
-    base["eval_every"] = eval_every or defaults.eval_every
-    threads = threads or default_threads(jobs)
-    preload()
-    runs_list = grid_configs(names, list(range(seeds)), base, runs_dir)
-    per_run = [(name, cfg, threads) for name, cfg in runs_list]
-    print(
-        f"{len(per_run)} runs ({len(names)} configurations x {seeds} seeds), {base['epochs']} "
-        f"epochs of {defaults.images_per_epoch} images each, {jobs} at a time, {threads} threads"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    labels, y = [], 0
+    for task, configs in TASKS.items():
+        present = [c for c in configs if len(scores_of(runs_rows, c, task)) >= 2]
+        if not present:
+            continue
+        for c, (point, low, high) in iqm_intervals(
+            {c: scores_of(runs_rows, c, task) for c in present}
+        ).items():
+            left.errorbar(point, y, xerr=[[point - low], [high - point]], fmt="o", capsize=3)
+            labels.append(f"{task}: {c}")
+            y += 1
+    left.set(
+        yticks=range(len(labels)), yticklabels=labels, xlabel="final held-out score (EMA), IQM"
     )
-    with tqdm(total=len(per_run), desc="runs") as bar:  # each run waits on its own children
-        done = fork_map(run_one, per_run, jobs=jobs, on_done=lambda _: bar.update())
-    rows = [row for run in done for row in run["value"]]
-    held = {k: v for k, v in dataclasses.asdict(runs_list[0][1]).items()}
-    held = {k: v for k, v in held.items() if k not in ("algo", "k", "seed", "out", "resume")}
-    note = (
-        f"Held equal (loop.Config, {'tiny' if tiny else 'default'} budget): {json.dumps(held)}; "
-        f"{jobs} run(s) at a time, {threads} thread(s) each, on {os.cpu_count()} cores."
-    )
-    paths = write_results(rows, names, Path(results), note)
-    print((Path(results) / "compare.md").read_text())
-    print("wrote", ", ".join(str(p) for p in paths.values() if p))
-    return paths
+    left.invert_yaxis()
+    labels = []
+    for x, yc, task in PAIRS:
+        sx, sy = scores_of(runs_rows, x, task), scores_of(runs_rows, yc, task)
+        if len(sx) < 2 or len(sy) < 2:
+            continue
+        point, low, high = improvement_probabilities({"p": (sx, sy)})["p"]
+        right.errorbar(point, len(labels), xerr=[[point - low], [high - point]], fmt="o", capsize=3)
+        labels.append(f"{task}: {x} > {yc}")
+    right.axvline(0.5, color="gray", linestyle=":")
+    right.set(yticks=range(len(labels)), yticklabels=labels, xlim=(0, 1),
+              xlabel="P(X > Y), 95% interval")  # fmt: skip
+    right.invert_yaxis()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
+
+def plot_lr(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4), constrained_layout=True)
+    for (config, by_lr), color in zip(table.items(), plt.cm.tab10.colors):
+        lrs = sorted(by_lr)
+        ax.plot(lrs, [np.mean(by_lr[lr]) for lr in lrs], "o-", color=color, label=config)
+        for lr in lrs:
+            ax.scatter([lr] * len(by_lr[lr]), by_lr[lr], color=color, s=8, alpha=0.5)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="final held-out score (EMA), color")
+    ax.set_title("learning-rate sensitivity (tuning seeds; line: mean)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# === Command line
+def _stage(runs_list, jobs, threads, results, runs, tiny, commit) -> None:
+    if jobs < 1 or threads < 1:
+        raise BenchError(f"--jobs {jobs} / --threads {threads}: need at least 1")
+    run_all(runs_list, jobs, threads, Path(results), Path(runs), tiny, commit)
+
+
+def tune(jobs: int = 1, threads: int = 1, results: str = "runs/compare/results",
+         runs: str = "runs/compare", tiny: bool = False, commit: str = "HEAD") -> None:  # fmt: skip
+    """Stage 1 (and its edge-rule runs once the grid is complete)."""
+    runs_list = plan_tune()
+    _stage(runs_list, jobs, threads, results, runs, tiny, commit)
+    _, edges = pick_lrs(read_csv(Path(results) / "compare_runs.csv"))
+    if edges:
+        print(f"edge rule: adding {edges}")
+        extra = [run for c, lr in edges.items() for run in plan_tune((lr,), configs=(c,))]
+        _stage(extra, jobs, threads, results, runs, tiny, commit)
+
+
+def evaluate(jobs: int = 1, threads: int = 1, results: str = "runs/compare/results",
+             runs: str = "runs/compare", tiny: bool = False, commit: str = "HEAD",
+             seeds: int = len(EVAL_SEEDS)) -> None:  # fmt: skip
+    """Stage 2 at stage 1's picks (--seeds: how many of seeds 0-9, for a partial stage)."""
+    picks, edges = pick_lrs(read_csv(Path(results) / "compare_runs.csv"))
+    if missing := [c for c in TUNED if c not in picks or c in edges]:
+        raise BenchError(f"stage 1 is unfinished for {missing}; run `tune` first")
+    runs_list = plan_evaluate(picks, EVAL_SEEDS[:seeds])
+    _stage(runs_list, jobs, threads, results, runs, tiny, commit)
+
+
+def extend(jobs: int = 1, threads: int = 1, results: str = "runs/compare/results",
+           runs: str = "runs/compare", tiny: bool = False, commit: str = "HEAD") -> None:  # fmt: skip
+    """Stage 3: seeds 10-19 of LOOP K=4, PPO K=1, RLOO K=4 if P(LOOP K=4 > PPO K=1)'s CI holds 0.5."""
+    rows = read_csv(Path(results) / "compare_runs.csv")
+    sx, sy = scores_of(rows, "loop-k4", "color"), scores_of(rows, "ppo-k1", "color")
+    if len(sx) < len(EVAL_SEEDS) or len(sy) < len(EVAL_SEEDS):
+        raise BenchError("stage 2 is unfinished for loop-k4 / ppo-k1 on color; run `evaluate`")
+    _, low, high = improvement_probabilities({"p": (sx, sy)})["p"]
+    if not low <= 0.5 <= high:
+        print(f"P(loop-k4 > ppo-k1) interval [{low:.2f}, {high:.2f}] excludes 0.5: no stage 3")
+        return
+    picks, _ = pick_lrs(rows)
+    _stage(plan_evaluate(picks, EXTRA_SEEDS, EXTENDED), jobs, threads, results, runs, tiny, commit)
+
+
+COMMANDS = {"tune": tune, "evaluate": evaluate, "extend": extend, "report": report}
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") or "--help" in sys.argv:
+        print(__doc__)
+        sys.exit(0)
     import fire
 
-    fire.Fire(lambda **flags: cli_main(main, **flags))
+    from bench.common import cli_main
+
+    if sys.argv[1] not in COMMANDS:
+        print(f"error: unknown command {sys.argv[1]!r}; choose one of {', '.join(COMMANDS)}")
+        sys.exit(2)
+    command = COMMANDS[sys.argv.pop(1)]
+    fire.Fire(lambda **flags: cli_main(command, **flags))
