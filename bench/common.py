@@ -11,6 +11,7 @@ runs in the test suite at seconds. Nothing here re-implements loop.py.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import pickle
@@ -35,6 +36,10 @@ def cli_main(function: Callable, **flags) -> None:
     """Run a script's main with fire's flags; bad input ends as `error: ...` and exit code 2."""
     import loop
 
+    if flags.pop("help", False) or flags.pop("h", False):  # fire would pass them on as flags
+        print((sys.modules[function.__module__].__doc__ or "").strip())
+        print(f"\nflags: {inspect.signature(function)}")
+        return
     try:
         function(**flags)
     except (BenchError, loop.UsageError) as error:

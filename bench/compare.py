@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,11 +312,12 @@ def iqm_intervals(score_dict: dict) -> dict:
     from rliable import library as rly
     from rliable import metrics
 
+    warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # arch's
     point, ci = rly.get_interval_estimates(
         score_dict, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=REPS,
         confidence_interval_size=CI, random_state=np.random.RandomState(0),
     )  # fmt: skip
-    return {n: (float(point[n][0]), float(ci[n][0][0]), float(ci[n][1][0])) for n in score_dict}
+    return {n: (float(point[n][0]), *np.ravel(ci[n]).astype(float).tolist()) for n in score_dict}
 
 
 def improvement_probabilities(pairs: dict) -> dict:
@@ -323,11 +325,12 @@ def improvement_probabilities(pairs: dict) -> dict:
     from rliable import library as rly
     from rliable import metrics
 
+    warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # arch's
     point, ci = rly.get_interval_estimates(
         pairs, metrics.probability_of_improvement, reps=REPS,
         confidence_interval_size=CI, random_state=np.random.RandomState(0),
     )  # fmt: skip
-    return {n: (float(point[n]), float(ci[n][0]), float(ci[n][1])) for n in pairs}
+    return {n: (float(point[n]), *np.ravel(ci[n]).astype(float).tolist()) for n in pairs}
 
 
 def verdict(low: float, high: float) -> str:

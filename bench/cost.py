@@ -19,7 +19,8 @@ Both are timed alternately (A B, B A, ...) in one process, `--repeats` times; th
 
     python bench/cost.py                 # loop.Config's model and budget
     python bench/cost.py --tiny          # the test suite's tiny random model, seconds
-Writes cost.md and cost.json to --results.
+Writes cost.md and cost.json to --results (default runs/bench/results, untracked; the committed
+results were made with --results bench/results).
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def main(
     epochs: int = 4,
     algorithms: bool = True,
     threads: int = 0,
-    results: str = "bench/results",
+    results: str = "runs/bench/results",
     work: str = "runs/bench-cost",
 ) -> dict:
     """Parts 1-3 (part 3 unless --noalgorithms); writes cost.md and cost.json, returns the dict."""

@@ -22,7 +22,8 @@ Everything else is loop.Config's default (model, reward, steps, trained steps, m
 
     python bench/variance.py                    # R = 16 rollouts per K on the embedded model
     python bench/variance.py --tiny             # the test suite's tiny random model, seconds
-Writes variance.md (table), variance.csv and variance.png (trace and cosine against K) to --results.
+Writes variance.md (table), variance.csv and variance.png (trace and cosine against K) to --results
+(default runs/bench/results, untracked; the committed results: --results bench/results).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def main(
     tiny: bool = False,
     model: str = "",
     seed: int = 0,
-    results: str = "bench/results",
+    results: str = "runs/bench/results",
     work: str = "runs/bench-variance",
 ) -> list[dict]:
     """R rollouts per K, the estimators' gradients, the table and the plot; returns the rows."""

@@ -309,4 +309,8 @@ def main(
 if __name__ == "__main__":
     import fire
 
+    if {"-h", "--help"} & set(sys.argv[1:]):  # fire would start the runs instead
+        print(__doc__)
+        sys.exit(0)
+
     fire.Fire(main)

@@ -6,10 +6,12 @@ measured, not only that it ran.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, subprocess_env
@@ -18,69 +20,120 @@ import loop
 from bench import common, compare, cost, gpu, variance
 
 
-def test_compare_tiny_grid_writes_csv_and_table(tmp_path, tiny_model, prompt_file):
-    """One configuration, two segments (a --resume between), raw and EMA held-out scores."""
-    paths = compare.main(
-        tiny=True, configs="loop-k2", seeds=1, model=str(tiny_model),
-        runs=str(tmp_path / "runs"), results=str(tmp_path / "results"),
-    )  # fmt: skip
-    rows = list(csv.DictReader(paths["csv"].read_text().splitlines()))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # TINY: 2 epochs, evaluated every epoch
-    assert all(r["eval_ema"] and r["eval_raw"] for r in rows)  # raw scored after each segment
-    assert [int(r["images_seen"]) for r in rows] == [0, 4, 8]
-    assert float(rows[-1]["peak_rss_mb"]) > 50
-    # the run really was trained in two segments: the second resumed the first
-    log = (tmp_path / "runs" / "loop-k2-s0.log").read_text()
-    assert "resumed" in log
-    table = paths["md"].read_text()
-    assert "| loop-k2 | 1 |" in table and "n/a" in table  # no ppo-k1 reference in this grid
+def test_compare_runs_the_real_command_and_a_row_reproduces(tmp_path):
+    """Two tiny runs through the worktree; a rerun skips them; a row's command gives its numbers."""
+    runs = compare.plan_tune(lrs=(2e-3,), seeds=(100,), configs=("loop-k4", "ppo-k1"))
+    results = tmp_path / "results"
+    compare.run_all(runs, 2, 1, results, tmp_path / "runs", tiny=True, commit="HEAD")
+    rows = compare.read_csv(results / "compare_runs.csv")
+    assert sorted(r["config"] for r in rows) == ["loop-k4", "ppo-k1"]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.strip()  # fmt: skip
+    assert all(r["commit"] == commit and r["threads"] == "1" for r in rows)
+    curves = compare.read_csv(results / "compare_curves.csv")
+    assert [int(c["epoch"]) for c in curves if c["config"] == "loop-k4"] == [0, 1, 2]
+    assert compare.run_all(runs, 2, 1, results, tmp_path / "runs", True, "HEAD") == []  # skipped
+    # the recorded command, run again in the worktree, gives the row's numbers
+    row = next(r for r in rows if r["config"] == "loop-k4")
+    env_var, *argv = row["command"].split()
+    assert env_var == "OMP_NUM_THREADS=1" and argv[:2] == ["python", "loop.py"]
+    src = tmp_path / "runs" / f"src-{commit[:10]}"
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, *argv[1:], "--out", str(again)], cwd=src, check=True,
+                   env=subprocess_env() | {"OMP_NUM_THREADS": "1"}, capture_output=True)  # fmt: skip
+    last = compare.metrics_of(again)[-1]
+    assert last["eval_reward_mean"] == float(row["final_heldout"])
+    assert last["eval_raw_reward_mean"] == float(row["final_heldout_raw"])
 
 
-def test_compare_rejects_unknown_configuration(tmp_path):
-    with pytest.raises(common.BenchError, match="unknown --configs"):
-        compare.main(tiny=True, configs="sgd-k1", runs=str(tmp_path), results=str(tmp_path))
-
-
-def synthetic_rows() -> list[dict]:
-    """Two configurations x two seeds x epochs 0..2, ppo-k1 the reference."""
+def synthetic_runs(shift: float, seeds: int = 10, spread: float = 0.03) -> list[dict]:
+    """Evaluation rows of loop-k4 and ppo-k1 on color: loop-k4's scores = ppo-k1's + shift."""
+    rng = np.random.default_rng(0)
     rows = []
-    for name, slope in (("ppo-k1", 0.1), ("loop-k4", 0.2)):
-        for seed in (0, 1):
-            for epoch in range(3):
-                score = 0.4 + slope * epoch + 0.01 * seed
-                rows.append({"config": name, "seed": seed, "epoch": epoch, "images_seen": 32 * epoch,
-                             "reward_mean": score, "eval_ema": score, "eval_raw": score - 0.01,
-                             "seconds": 1.0 + seed, "peak_rss_mb": 400.0 + seed})  # fmt: skip
+    for config, offset in (("ppo-k1", 0.0), ("loop-k4", shift)):
+        for seed, noise in enumerate(rng.normal(0, spread, seeds)):
+            rows.append({"stage": "evaluate", "config": config, "reward": "color", "seed": seed,
+                         "lr": 0.004, "final_heldout": 0.5 + offset + noise,
+                         "final_train_reward": 0.6 + offset + noise,
+                         "images_to_threshold": 640 if offset else ""})  # fmt: skip
     return rows
 
 
-def test_compare_summary_images_to_reach_the_reference():
-    table = compare.summary_table(synthetic_rows(), ["ppo-k1", "loop-k4"])
-    lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-    # ppo-k1 ends at 0.605 (mean of 0.60, 0.61), reached at epoch 2 (64 images); loop-k4 reaches
-    # it at epoch 1 (0.605 as well: 32 images)
-    assert "| 0.605 +- 0.007 |" in lines["ppo-k1"] and "| 64 |" in lines["ppo-k1"]
-    assert "| 32 |" in lines["loop-k4"] and "| 401 |" in lines["loop-k4"]
-    assert compare.images_to_reach([0.0, 32.0], torch.tensor([0.1, 0.2]).numpy(), 0.9) is None
+def test_probability_of_improvement_detects_a_known_difference_and_not_a_zero_one():
+    pytest.importorskip("rliable")
+    rows = synthetic_runs(shift=0.10)
+    x, y = compare.scores_of(rows, "loop-k4", "color"), compare.scores_of(rows, "ppo-k1", "color")
+    p, low, high = compare.improvement_probabilities({"p": (x, y)})["p"]
+    assert p > 0.95 and low > 0.5 and compare.verdict(low, high) == "supported"
+    p, low, high = compare.improvement_probabilities({"p": (y, x)})["p"]  # the reverse claim
+    assert compare.verdict(low, high) == "contradicted"
+    # a zero difference: x and y are the same scores shuffled between the two configurations
+    rows = synthetic_runs(shift=0.0)
+    x, y = compare.scores_of(rows, "loop-k4", "color"), compare.scores_of(rows, "ppo-k1", "color")
+    p, low, high = compare.improvement_probabilities({"p": (x, y)})["p"]
+    assert low < 0.5 < high and compare.verdict(low, high) == "not resolved at this budget"
+    iqm = compare.iqm_intervals({"x": x})["x"]
+    assert iqm[1] <= iqm[0] <= iqm[2]
+    # two-sided 5%, 80% power: 2.80 sqrt(2) s / sqrt(n)
+    a, b = np.array([0.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])
+    assert compare.detectable_difference(a, b) == pytest.approx(2.801585 * math.sqrt(2 / 3))
 
 
-def test_compare_summary_when_the_reference_ends_below_the_start():
-    rows = [r | {"eval_ema": 0.8 - r["eval_ema"]} if r["config"] == "ppo-k1" else r
-            for r in synthetic_rows()]  # fmt: skip
-    table = compare.summary_table(rows, ["ppo-k1", "loop-k4"])
-    assert table.count("n/a (ppo-k1 ends below the start)") == 2 and "| 0 |" not in table
+def test_pick_lrs_ties_to_the_smaller_and_flags_an_edge():
+    rows = [{"stage": "tune", "config": c, "lr": lr, "seed": s, "final_heldout": score + 0.001 * (s - 100)}
+            for c, scores in (("loop-k4", (0.50, 0.55, 0.55)), ("rloo-k4", (0.6, 0.5, 0.4)))
+            for lr, score in zip(compare.TUNE_LRS, scores) for s in compare.TUNE_SEEDS]  # fmt: skip
+    picks, edges = compare.pick_lrs(rows)
+    assert picks == {"loop-k4": 2e-3, "rloo-k4": 1e-3}  # loop-k4: 2e-3 and 4e-3 tie
+    assert edges == {"rloo-k4": 5e-4}  # rloo-k4's pick is the grid's lower edge: the rule adds /2
+    rows += [{"stage": "tune", "config": "rloo-k4", "lr": 5e-4, "seed": s, "final_heldout": 0.7}
+             for s in compare.TUNE_SEEDS]  # fmt: skip
+    picks, edges = compare.pick_lrs(rows)
+    assert picks["rloo-k4"] == 5e-4 and edges == {}  # extended once: used as it is
+    assert compare.pick_lrs(rows[:5])[0] == {}  # an unfinished grid picks nothing
 
 
-def test_compare_plot(tmp_path):
-    pytest.importorskip("matplotlib")
-    path = compare.plot(synthetic_rows(), ["ppo-k1", "loop-k4"], tmp_path / "c.png")
-    assert path.is_file() and path.stat().st_size > 1000
+def test_prediction_band_is_the_t_interval_of_one_more_seed():
+    values = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])  # 3 seeds, 2 epochs
+    mean, low, high = compare.prediction_band(values, 0.80)
+    half = 1.885618 * 1.0 * math.sqrt(1 + 1 / 3)  # t(0.90, 2) s sqrt(1 + 1/n)
+    assert mean.tolist() == [1.0, 1.0] and high[0] - mean[0] == pytest.approx(half, rel=1e-5)
+    assert low[1] == high[1] == 1.0  # no spread, no band
 
 
-def test_evaluation_epochs_end_at_the_last_epoch():
-    assert compare.evaluation_epochs(48, 24) == [24, 48]
-    assert compare.evaluation_epochs(10, 4) == [4, 8, 10]
-    assert compare.evaluation_epochs(3, 5) == [3]
+def test_compare_report_from_synthetic_csvs(tmp_path):
+    pytest.importorskip("rliable")
+    rows = synthetic_runs(shift=0.10)
+    fields = compare.RUN_FIELDS
+    full = [{f: r.get(f, "") for f in fields} | {"commit": "abc", "cpu": "x", "threads": 1}
+            for r in rows]  # fmt: skip
+    for c, lr in (("loop-k4", 1e-3), ("ppo-k1", 1e-3)):
+        full += [{f: "" for f in fields} | {"stage": "tune", "config": c, "lr": lr, "seed": s,
+                 "final_heldout": 0.5, "commit": "abc", "cpu": "x", "threads": 1}
+                 for s in compare.TUNE_SEEDS]  # fmt: skip
+    compare.append_csv(tmp_path / "compare_runs.csv", fields, full)
+    curves = [{"stage": "evaluate", "config": r["config"], "lr": 0.004, "seed": r["seed"],
+               "reward": "color", "epoch": e, "images_seen": 64 * e,
+               "train_reward": r["final_train_reward"] * e / 2, "heldout": "", "heldout_raw": "",
+               "seconds": 1.0} for r in rows for e in range(3)]  # fmt: skip
+    compare.append_csv(tmp_path / "compare_curves.csv", compare.CURVE_FIELDS, curves)
+    text = compare.report(str(tmp_path)).read_text()
+    assert "| loop-k4 > ppo-k1 | color | 10 / 10 |" in text and "| supported |" in text
+    if common.have_matplotlib():
+        assert (tmp_path / "compare_fig3.png").stat().st_size > 1000
+        assert (tmp_path / "compare_intervals.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "script", ["bench/compare.py", "bench/cost.py", "bench/variance.py", "bench/gpu.py",
+               "scripts/time_to_gain.py", "scripts/step_gradients.py"]
+)  # fmt: skip
+def test_help_prints_flags_and_runs_nothing(script, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / script), "--help"], check=False, cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and len(done.stdout) > 200
+    assert not any(tmp_path.iterdir())  # nothing was written
 
 
 def test_variance_tiny_the_baseline_removes_variance(tmp_path):
