@@ -21,7 +21,8 @@ The previous defaults ran on the previous, 16x16-latent model; `--old` and the s
 from git (commit OLD_MODEL_COMMIT) into runs/tiny16 the first time.
 
 Runs go to runs/time_to_gain/<label>-seed<S>; a finished run is read, not rerun, so an interrupted
-measurement continues where it stopped. `--parallel 2` runs two seeds at a time with one thread
+measurement continues where it stopped. The runs docs/record.md quotes are kept in docs/time_to_gain/
+(each run's metrics.jsonl as <label>-seed<S>.metrics.jsonl, and the tables and figures written here). `--parallel 2` runs two seeds at a time with one thread
 each (say so when you report times: a 2-thread run alone is faster per run). Machines differ in
 speed: compare old and new measured back to back on one machine, as ratios.
 """

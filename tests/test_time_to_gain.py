@@ -1,4 +1,4 @@
-"""scripts/time_to_gain.py: the measure of the README's default-run tables, on synthetic metrics."""
+"""scripts/time_to_gain.py, the measure of docs/record.md's default-run tables, on fake metrics."""
 
 import importlib.util
 import json
