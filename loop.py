@@ -47,6 +47,12 @@ Deviations from the paper (each with its reason):
     the paper; training always continues from the raw weights). With 32-image rollouts the
     policy gradient is mostly noise (cosine ~0 between rollouts, measured at 10 steps), so
     the raw weights wander around their trend; the average removes part of that wander.
+12. The advantage clip (`--adv_clip`, DDPO's 5) is in units of the batch's std: normalised
+    advantages (PPO, as DDPO) are clipped to [-5, 5], raw ones (REINFORCE, RLOO, LOOP, as the
+    paper) to their mean +- 5 std. In reward units the same clip tied 77-99% of the advantages
+    of JPEG-size rewards (tens of kB: a sign estimator, LOOP's no longer summing to zero per
+    prompt) and every REINFORCE image of an aesthetic score above 5; rewards in [0, 1] never
+    reached it. `adv_clipfrac` logs the fraction clipped.
 
 Notation (paper symbol -> code name):
     B prompts per rank and epoch    reward (B, K)   K samples per prompt         k
@@ -74,10 +80,13 @@ import itertools
 import json
 import math
 import os
+import pickle
 import random
+import re
 import sys
 import time
 import typing
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,10 +106,16 @@ CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex") 
 MIN_SIGMA = 1e-4  # steps with sigma_t below this are (almost) deterministic: Deviation 2
 EVAL_SEED = 1234  # held-out noise: the same for every epoch, run and algorithm
 STAT_KEYS = ("approx_kl", "clipfrac", "ratio_mean", "grad_norm", "kl")
+RATIO_TOLERANCE = 1e-6  # a fresh rollout's max |log rho_t| above this is warned about
 
 
 class UsageError(Exception):
     """Bad input: printed as one line naming the problem and the fix; exit code 2."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (library messages often span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 # === Config: every knob in one place (the defaults fit the tiny CPU model; tune them here)
@@ -109,9 +124,11 @@ class Config:
     algo: str = "loop"
     """estimator: reinforce | rloo | ppo | loop"""
     k: int = 4
-    """K, images sampled per prompt (>= 2 for rloo and loop)"""
+    """K, images sampled per prompt (>= 2 for rloo and loop); in [1, inf)"""
     reward: str = "color"
     """r(x_0, c): a name in rewards.REWARD_NAMES (shapes-world model: color -> shapes_color)"""
+    reward_options: str = ""
+    """JSON of rewards.load_reward options, e.g. '{"model": "/data/blip"}' (training and held-out)"""
     model: str = "assets/tiny-shapes"
     """local diffusers folder (else looked up next to loop.py) or a hub id"""
     train_prompts: str = ""
@@ -121,59 +138,59 @@ class Config:
     prompt_dir: str = ""
     """folder with T2I-CompBench's <category>_train.txt and <category>_val.txt"""
     num_eval_prompts: int = 64
-    """held-out prompts scored at each evaluation (the file's first ones)"""
+    """held-out prompts scored at each evaluation (the file's first ones); in [1, inf)"""
     eval_images_per_prompt: int = 2
-    """fixed-noise images per held-out prompt (more: a less noisy held-out score)"""
+    """fixed-noise images per held-out prompt (more: a less noisy held-out score); in [1, inf)"""
     lr: float = 4e-3
-    """AdamW learning rate of the LoRA weights"""
+    """AdamW learning rate of the LoRA weights; in (0, inf)"""
     lora_rank: int = 8
-    """LoRA rank r (alpha = r)"""
+    """LoRA rank r (alpha = r); in [1, inf)"""
     lora_modules: str = "to_k,to_q,to_v,to_out.0"
     """comma-separated UNet module names that get LoRA (attn2.to_k: cross-attention only)"""
     epochs: int = 48
-    """epochs; one epoch = one rollout of images_per_epoch images and its updates"""
+    """epochs; one epoch = one rollout of images_per_epoch images and its updates; in [1, inf)"""
     images_per_epoch: int = 64
-    """B*K*ranks, images per rollout (fixed for equal-budget comparisons)"""
+    """B*K*ranks, images per rollout (fixed for equal-budget comparisons); in [1, inf)"""
     num_steps: int = 6
-    """T, DDIM steps per image"""
+    """T, DDIM steps per image; in [1, inf)"""
     eta: float = 1.0
-    """eta, DDIM stochasticity (> 0: the policy must be stochastic)"""
+    """eta, DDIM stochasticity (> 0: the policy must be stochastic; 1 = DDPM's); in (0, 1]"""
     guidance_scale: float = 5.0
-    """w, classifier-free guidance scale (<= 1: no guidance, one UNet pass per step)"""
+    """w, classifier-free guidance scale (<= 1: no guidance, one UNet pass per step); in [0, inf)"""
     clip_range: float = 1e-4
-    """eps, PPO clip range on rho_t (for mean-reduced log-probs, Deviation 1)"""
+    """eps, PPO clip range on rho_t (for mean-reduced log-probs, Deviation 1); in (0, 1)"""
     adv_clip: float = 5.0
-    """advantages clipped to [-adv_clip, adv_clip] (0 = off; DDPO uses 5)"""
+    """advantage clip in units of the batch's std (0 = off; DDPO's 5; Deviation 12); in [0, inf)"""
     normalize_advantage: str = "auto"
     """off | batch | group-std (GRPO-style) | auto = the paper's choice per algorithm"""
     inner_epochs: int = 1
-    """passes over each rollout (ppo/loop; reinforce/rloo are on-policy: 1)"""
+    """passes over each rollout (ppo/loop; reinforce/rloo are on-policy: 1); in [1, inf)"""
     minibatch: int = 0
-    """samples per optimizer step over all ranks (0: rollout for reinforce/rloo, 1/2 for ppo/loop)"""
+    """samples per optimizer step, all ranks (0: rollout if on-policy, else half); in [0, inf)"""
     micro_batch: int = 32
-    """samples per forward/backward on a rank (gradient accumulation, counted in samples)"""
+    """samples per forward/backward on a rank (gradient accumulation, in samples); in [1, inf)"""
     min_train_sigma: float = 0.5
-    """steps with sigma_t below this are sampled but not trained on (Deviation 10)"""
+    """steps with sigma_t below this are sampled but not trained on (Deviation 10); in [0, inf)"""
     ema_decay: float = 0.9
-    """per-epoch EMA of the LoRA weights, evaluated and saved (0: the last weights; Deviation 11)"""
+    """per-epoch EMA of the LoRA weights, evaluated, saved (0: the last; Deviation 11); in [0, 1)"""
     timestep_fraction: float = 1.0
-    """fraction of the trainable DDIM steps used in each update"""
+    """fraction of the trainable DDIM steps used in each update; in (0, 1]"""
     kl_coef: float = 0.0
-    """beta, KL penalty to the base model (the LoRA adapter switched off); 0 = the paper"""
+    """beta, KL penalty to the base model (LoRA adapter switched off; 0 = the paper); in [0, inf)"""
     max_grad_norm: float = 1.0
-    """gradient-norm clip"""
+    """gradient-norm clip; in (0, inf)"""
     eval_every: int = 24
-    """score the held-out prompts every this many epochs (and before training and at the end)"""
+    """score the held-out prompts every this many epochs (and first and last); in [1, inf)"""
     eval_raw: bool = False
     """also score the raw (not averaged) LoRA weights at each evaluation: eval_raw_reward_mean"""
     seed: int = 0
-    """seed of the LoRA init, the prompts and the sampling noise"""
+    """seed of the LoRA init, the prompts and the sampling noise; in [0, inf)"""
     out: str = ""
     """run folder (default runs/<algo>-<reward>-k<K>-<time>)"""
     resume: str = ""
-    """run folder to continue (flags given again override its config.json)"""
+    """run folder to continue; may change only --epochs --eval_every --eval_raw --micro_batch --device"""
     mixed_precision: str = "auto"
-    """no | bf16 | fp16 for the frozen weights (auto: bf16 on GPU, no on CPU)"""
+    """no | bf16 | fp16 (loss-scaled) frozen weights (auto: bf16 on GPUs of compute >= 8.0, else no)"""
     device: str = "auto"
     """cpu | cuda | auto"""
 
@@ -281,12 +298,12 @@ class Policy:
 
 @dataclass
 class Rollout:
-    """A batch of trajectories (fp32, on the training device)."""
+    """A batch of trajectories (fp32, on the training device; the images on the CPU)."""
 
     latents: torch.Tensor  # (N, T+1, C, h, w): x_T .. x_0
     log_probs: torch.Tensor  # (N, T): log pi_old(x_{t-1} | x_t, c); 0 at untrained steps
     cond: torch.Tensor  # (N, L, D): prompt embeddings c
-    images: torch.Tensor  # (N, 3, H, W) in [0, 1]
+    images: torch.Tensor  # (N, 3, H, W) in [0, 1], on the CPU
 
 
 @torch.no_grad()
@@ -348,15 +365,22 @@ def decode_images(vae, x_0) -> torch.Tensor:
 
 
 def score_images(reward_fn, images, prompts: list[str]) -> torch.Tensor:
-    """r(x_0, c): (N,) fp32 on CPU. A non-finite reward stops the run and names its prompts."""
-    reward = torch.as_tensor(reward_fn(images, prompts)).float().flatten().cpu()
+    """r(x_0, c): (N,) fp32 on CPU."""
+    return torch.as_tensor(reward_fn(images, prompts)).float().flatten().cpu()
+
+
+def check_finite(reward, prompts: list[str], device) -> None:
+    """Stop every rank together when a reward is non-finite on any, naming its prompts: one
+    all_reduce, else the other ranks would wait in their next collective until a timeout."""
     bad = sorted({p for p, r in zip(prompts, reward.tolist()) if not math.isfinite(r)})
-    if bad:
+    flag = torch.tensor(float(bool(bad)), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
         raise UsageError(
-            f"the reward is non-finite for prompts {bad}; fix the reward or drop "
-            "these prompts (training stopped, the last checkpoint is intact)"
+            f"the reward is non-finite {f'for prompts {bad}' if bad else 'on another rank'}; fix "
+            "the reward or drop these prompts (training stopped, the last checkpoint is intact)"
         )
-    return reward
 
 
 def rollout(
@@ -371,7 +395,7 @@ def rollout(
         latents, log_probs = sample_trajectories(policy, cond, x_T_rows, step_noise[rows])
         images = decode_images(models.vae, latents[:, -1])  # (n, 3, H, W)
         scores.append(score_images(reward_fn, images, chunk))
-        parts.append((latents, log_probs, cond, images))
+        parts.append((latents, log_probs, cond, images.cpu()))  # training needs no image
     return Rollout(*(torch.cat(field) for field in zip(*parts))), torch.cat(scores)
 
 
@@ -403,19 +427,39 @@ def normalize(advantage: torch.Tensor, how: str) -> torch.Tensor:
     return torch.where(std > 1e-6, normalized, torch.zeros_like(advantage))
 
 
-def compute_advantages(algo: str, reward, normalization: str, adv_clip: float) -> torch.Tensor:
-    """A for each image, one visible branch per algorithm: reward (B, K) -> advantage (B*K,)"""
+def clip_in_std_units(advantage, adv_clip: float, mean, std) -> tuple[torch.Tensor, float]:
+    """A clipped to mean +- c std (DDPO's clip, in the units it was meant in), and the fraction
+    clipped: (B, K) -> (B, K), float"""
+    low, high = mean - adv_clip * std, mean + adv_clip * std
+    fraction = ((advantage < low) | (advantage > high)).float().mean().item()
+    # A <- clip(A, mean - c std, mean + c std)
+    return advantage.clamp(low, high), fraction
+
+
+def compute_advantages(
+    algo: str, reward, normalization: str, adv_clip: float, stats: dict | None = None
+) -> torch.Tensor:
+    """A for each image, one visible branch per algorithm: reward (B, K) -> advantage (B*K,).
+    normalization "auto" is the paper's choice; stats, if given, gets adv_clipfrac."""
     if algo == "reinforce":
-        advantage = reward  # A = r(x_0, c): no baseline
+        advantage, paper = reward, "off"  # A = r(x_0, c): no baseline
     elif algo == "rloo":
-        advantage = leave_one_out_advantage(reward)  # A_i = r_i - b_i
-    elif algo == "ppo":
-        advantage = reward  # DDPO: the per-prompt/batch statistics below act as the baseline
+        advantage, paper = leave_one_out_advantage(reward), "off"  # A_i = r_i - b_i
+    elif algo == "ppo":  # DDPO: per-prompt (K > 1) or batch statistics act as the baseline
+        advantage, paper = reward, "group-std" if reward.shape[1] > 1 else "batch"
     elif algo == "loop":
-        advantage = leave_one_out_advantage(reward)  # A_i = r_i - b_i, as in RLOO
-    advantage = normalize(advantage, normalization)
-    if adv_clip > 0:
-        advantage = advantage.clamp(-adv_clip, adv_clip)
+        advantage, paper = leave_one_out_advantage(reward), "off"  # A_i = r_i - b_i, as in RLOO
+    how = paper if normalization == "auto" else normalization
+    advantage = normalize(advantage, how)
+    fraction = 0.0
+    if adv_clip > 0 and how == "off":  # raw A: in units of the batch's std (Deviation 12)
+        mean = advantage.mean()
+        std = ((advantage - mean) ** 2).mean().sqrt()
+        advantage, fraction = clip_in_std_units(advantage, adv_clip, mean, std)
+    elif adv_clip > 0:  # normalised A is in std units already: DDPO's [-c, c]
+        advantage, fraction = clip_in_std_units(advantage, adv_clip, 0.0, 1.0)
+    if stats is not None:
+        stats["adv_clipfrac"] = fraction
     return advantage.flatten()  # (B, K) -> (B*K,)
 
 
@@ -590,10 +634,20 @@ def rescore(policy: Policy, batch: Rollout, rows: slice, j: int):
 
 
 def train_on_rollout(
-    policy: Policy, batch: Rollout, advantage, cfg: Config, optimizer, rng, sizes: dict, show=False
+    policy: Policy,
+    batch: Rollout,
+    advantage,
+    cfg: Config,
+    optimizer,
+    rng,
+    sizes: dict,
+    show=False,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict:
-    """inner_epochs passes of minibatch updates over one rollout; returns mean statistics."""
+    """inner_epochs passes of minibatch updates over one rollout; returns mean statistics.
+    scaler: fp16's loss scaler (without one, fp16 gradients of log pi underflow to exactly 0)."""
     params, stats = lora_parameters(policy.unet), {key: [] for key in STAT_KEYS}
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     trainable = trained_steps(policy.schedule, cfg.min_train_sigma)
     n_steps = max(1, round(cfg.timestep_fraction * len(trainable)))
     n, mb, micro = len(advantage), sizes["minibatch_per_rank"], sizes["micro_batch"]
@@ -614,7 +668,7 @@ def train_on_rollout(
                     loss = loss + cfg.kl_coef * kl  # loss = -J + beta KL
                     stats["kl"].append(kl.item())
                 # the minibatch loss is a mean over its samples and steps
-                (loss * micro / mb / n_steps).backward()
+                scaler.scale(loss * micro / mb / n_steps).backward()
                 with torch.no_grad():
                     ratio = importance_ratio(log_prob, old_log_prob)
                     clipped = (ratio - 1).abs() > cfg.clip_range
@@ -622,27 +676,69 @@ def train_on_rollout(
                     stats["clipfrac"].append(clipped.float().mean().item())
                     stats["ratio_mean"].append(ratio.mean().item())
         sync_gradients(params)
+        scaler.unscale_(optimizer)  # fp16: true units before the clip (a no-op otherwise)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):
+        if not torch.isfinite(grad_norm) and not scaler.is_enabled():
             raise UsageError(
                 "non-finite LoRA gradient: lower --lr or check the reward (the "
                 "last checkpoint is intact; continue with --resume)"
             )
-        optimizer.step()
-        stats["grad_norm"].append(grad_norm.item())
+        scaler.step(optimizer)  # fp16: skipped (and the scale halved) when it overflowed
+        scaler.update()
+        if torch.isfinite(grad_norm):
+            stats["grad_norm"].append(grad_norm.item())
     return {key: float(np.mean(v)) if v else None for key, v in stats.items()}
+
+
+def check_first_ratio(models: Models, policy: Policy, prompts, steps: list[int], show=False):
+    """max |log rho_t| of a fresh micro-batch re-scored as training does (with grad), returned and
+    printed: exactly 0 on the CPU; a GPU may pick other kernels with grad than without, and every
+    update's first ratio starts that far from 1 (eps is 1e-4). Warns above RATIO_TOLERANCE."""
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    T = len(policy.schedule.timesteps)
+    x_T, step_noise = draw_noise(generator, len(prompts), T, models.latent_shape)
+    cond = encode_prompts(models.tokenizer, models.text_encoder, prompts).float()  # (n, L, D)
+    latents, log_probs = sample_trajectories(policy, cond, x_T.to(models.device), step_noise)
+    batch, rows = Rollout(latents, log_probs, cond, torch.zeros(0)), slice(None)
+    # log rho_t = log pi_theta(x_{t-1} | x_t, c) - log pi_old(x_{t-1} | x_t, c)
+    log_ratios = [rescore(policy, batch, rows, j)[0].detach() - log_probs[:, j] for j in steps]
+    worst = max(r.abs().max().item() for r in log_ratios)
+    if show:
+        print(f"first importance ratio: max |log rho_t| = {worst:.2e} ({len(prompts)} samples)")
+    if worst > RATIO_TOLERANCE:
+        print(
+            f"warning: re-scoring a fresh rollout gives max |log rho_t| = {worst:.2e} > "
+            f"{RATIO_TOLERANCE} (sampling and training run other kernels): every update's "
+            "first ratio is that far from 1",
+            file=sys.stderr,
+        )
+    return worst
 
 
 # === 5. Evaluation: held-out prompts, fixed noise
 def evaluate(models: Models, policy: Policy, prompts, reward_fn, micro_batch: int, show=False):
-    """Held-out rewards (E,) and images; noise from EVAL_SEED: comparable across runs and epochs."""
+    """Held-out rewards (E,) and images (E, 3, H, W), on every rank; noise from EVAL_SEED: comparable
+    across runs and epochs. Each rank scores every world-th micro-batch, so the micro-batches and
+    scores are those of one process."""
     generator = torch.Generator().manual_seed(EVAL_SEED)
     T = len(policy.schedule.timesteps)
     x_T, step_noise = draw_noise(generator, len(prompts), T, models.latent_shape)
-    batch, reward = rollout(
-        models, policy, prompts, x_T, step_noise, reward_fn, micro_batch, show, "evaluating"
-    )
-    return reward, batch.images
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    starts = range(0, len(prompts), micro_batch)[rank::world]
+    mine = [i for start in starts for i in range(start, min(start + micro_batch, len(prompts)))]
+    reward, images = torch.zeros(0), torch.zeros(0, 3, models.resolution, models.resolution)
+    if mine:
+        batch, reward = rollout(models, policy, [prompts[i] for i in mine], x_T[mine],
+                                step_noise[mine], reward_fn, micro_batch, show, "evaluating")  # fmt: skip
+        images = batch.images
+    if world > 1:  # every rank gets every (rows, rewards, images)
+        shards = [None] * world
+        dist.all_gather_object(shards, (mine, reward, images))
+        mine = [i for rows, _, _ in shards for i in rows]
+        reward, images = (torch.cat([shard[f] for shard in shards]) for f in (1, 2))
+    order = torch.argsort(torch.tensor(mine))  # back to the prompts' order
+    check_finite(reward[order], prompts, models.device)
+    return reward[order], images[order]
 
 
 # === The run folder: config.json, metrics.jsonl, samples/, lora/, checkpoint/ (atomic writes)
@@ -704,8 +800,8 @@ def save_lora(unet, folder: Path) -> Path:
     return path
 
 
-def save_checkpoint(run: Path, unet, optimizer, ema: list, next_epoch: int) -> None:
-    """checkpoint/state.pt: LoRA, optimizer, EMA, RNG states and the next epoch (PITFALLS #6)."""
+def save_checkpoint(run: Path, unet, optimizer, ema: list, next_epoch: int, scaler=None) -> None:
+    """checkpoint/state.pt: LoRA, optimizer, EMA, RNG states, fp16's loss scale, next epoch."""
     from peft.utils import get_peft_model_state_dict
 
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -713,16 +809,23 @@ def save_checkpoint(run: Path, unet, optimizer, ema: list, next_epoch: int) -> N
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     state = {"lora": get_peft_model_state_dict(unet), "optimizer": optimizer.state_dict()}
     state |= {"ema": ema, "next_epoch": next_epoch, "rng": rng}
+    state["scaler"] = scaler.state_dict() if scaler else {}
     (run / "checkpoint").mkdir(exist_ok=True)
     atomic_write(run / "checkpoint" / "state.pt", lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(run: Path, unet, optimizer, ema: list) -> int:
+def load_checkpoint(run: Path, unet, optimizer, ema: list, scaler=None) -> int:
     """Restore what save_checkpoint wrote; returns the epoch to continue from."""
     from peft.utils import set_peft_model_state_dict
 
-    state = torch.load(run / "checkpoint" / "state.pt", weights_only=False, map_location="cpu")
+    path = run / "checkpoint" / "state.pt"
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise UsageError(f"--resume: {path} is unreadable ({one_line(error)})") from None
     set_peft_model_state_dict(unet, state["lora"])
+    if scaler and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     optimizer.load_state_dict(state["optimizer"])
     for average, saved in zip(ema, state["ema"], strict=True):
         average.copy_(saved)
@@ -775,7 +878,11 @@ def resolve_model_path(model: str) -> str:
 def read_prompts(path: Path, what: str) -> list[str]:
     if not path.is_file():
         raise UsageError(f"{what} prompt file {path} not found; fix --*_prompts or --prompt_dir")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        message = f"{what} prompt file {path} is not UTF-8 text ({error}); save it as UTF-8"
+        raise UsageError(message) from None
     if not prompts:
         raise UsageError(f"{what} prompt file {path} is empty; write one prompt per line")
     return prompts
@@ -811,11 +918,55 @@ def resolve_reward_and_prompts(cfg: Config, model_path: str):
     return reward, train_prompts, held_out_prompts
 
 
-def reward_options(reward: str, prompt_dir: str) -> dict:
-    """complex, with CompBench's route lists in --prompt_dir: route its prompts as the original."""
+def reward_options(reward: str, prompt_dir: str, given: str = "") -> dict:
+    """rewards.load_reward's options: --reward_options (JSON, checked against the names the
+    reward's loader takes), and for complex CompBench's route lists in --prompt_dir."""
+    try:
+        options = json.loads(given or "{}")
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--reward_options {given!r} is not JSON ({error})") from None
+    valid = rewards.reward_options_of(reward)
+    if not isinstance(options, dict) or (unknown := sorted(set(options) - set(valid))):
+        raise UsageError(
+            f"--reward_options {given}: need a JSON object of {reward}'s options "
+            f"({', '.join(valid)})" + (f", not {', '.join(unknown)}" if options else "")
+        )
     if reward == "complex" and prompt_dir and any(Path(prompt_dir).glob("complex_*_spatial.txt")):
-        return {"lists": prompt_dir}
-    return {}
+        options.setdefault("lists", prompt_dir)
+    return options
+
+
+def load_rewards(name: str, options: dict, device: torch.device):
+    """r for training and for the held-out score, which on a GPU runs in the original scorers'
+    precision (as `rewards.py evaluate`, so the two numbers compare) unless options set dtype."""
+    try:
+        train = rewards.load_reward(name, device=device, **options)
+        if device.type != "cuda" or "dtype" in options:  # the same precision: one scorer
+            return train, train
+        return train, rewards.load_reward(name, device=device, dtype="original", **options)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise UsageError(
+            f"could not load reward {name}: {one_line(error)} (pass local copies with "
+            f"--reward_options; {name}'s options: {', '.join(rewards.reward_options_of(name))})"
+        ) from None
+
+
+def config_docs() -> dict[str, str]:
+    """Each Config field's doc: the string statement under the field."""
+    pairs = itertools.pairwise(ast.parse(inspect.getsource(Config)).body[0].body)
+    return {a.target.id: b.value.value for a, b in pairs if isinstance(a, ast.AnnAssign)}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every numeric flag against the range its Config doc states, e.g. 'in (0, 1]'."""
+    for name, doc in config_docs().items():
+        if match := re.search(r"in ([\[(])(\S+), (\S+)([\])])$", doc):
+            left, low, high, right = match.groups()
+            value = getattr(cfg, name)
+            above = value > float(low) if left == "(" else value >= float(low)
+            below = value < float(high) if right == ")" else value <= float(high)
+            if not (above and below):  # (NaN is neither)
+                raise UsageError(f"--{name} {value}: must be in {left}{low}, {high}{right} ({doc})")
 
 
 def check_config(cfg: Config, world: int) -> dict:
@@ -824,19 +975,11 @@ def check_config(cfg: Config, world: int) -> dict:
     for name, allowed in choices.items():
         if (value := getattr(cfg, name)) not in allowed:
             raise UsageError(f"unknown --{name} {value!r}; choose one of {', '.join(allowed)}")
-    for name in ("k", "epochs", "num_steps", "inner_epochs", "eval_images_per_prompt"):
-        if (value := getattr(cfg, name)) < 1:
-            raise UsageError(f"--{name} {value}: must be at least 1")
+    check_ranges(cfg)
     if cfg.algo in ("rloo", "loop") and cfg.k < 2:
         raise UsageError(f"--algo {cfg.algo}: the leave-one-out baseline needs K >= 2; pass --k 2")
     if cfg.normalize_advantage == "group-std" and cfg.k < 2:
         raise UsageError("--normalize_advantage group-std needs --k >= 2; use batch")
-    if cfg.eta <= 0:
-        raise UsageError(f"--eta {cfg.eta}: a policy log-prob needs eta > 0; pass e.g. --eta 1.0")
-    if not 0 <= cfg.ema_decay < 1:
-        raise UsageError(f"--ema_decay {cfg.ema_decay}: need 0 <= it < 1 (0 = no averaging)")
-    if not 0 < cfg.timestep_fraction <= 1:
-        raise UsageError(f"--timestep_fraction {cfg.timestep_fraction}: need 0 < it <= 1")
     if cfg.images_per_epoch % (world * cfg.k):
         raise UsageError(f"--images_per_epoch: need a multiple of K x ranks = {cfg.k * world}")
     on_policy = cfg.algo in ("reinforce", "rloo")
@@ -851,9 +994,6 @@ def check_config(cfg: Config, world: int) -> dict:
             f"--minibatch {minibatch} must divide --images_per_epoch, split evenly "
             f"over {world} rank(s), and be a multiple of --micro_batch {micro}"
         )
-    normalization = cfg.normalize_advantage
-    if normalization == "auto":  # the paper's choice: DDPO's statistics for PPO, raw A else
-        normalization = ("group-std" if cfg.k > 1 else "batch") if cfg.algo == "ppo" else "off"
     return {
         "world_size": world,
         "prompts_per_epoch": cfg.images_per_epoch // cfg.k,
@@ -864,7 +1004,6 @@ def check_config(cfg: Config, world: int) -> dict:
         "micro_batch": micro,
         "grad_accumulation": per_rank // micro,
         "updates_per_epoch": cfg.inner_epochs * cfg.images_per_epoch // minibatch,
-        "normalization": normalization,
     }
 
 
@@ -888,14 +1027,17 @@ def setup_distributed(cfg: Config):
     if cfg.device not in ("auto", "cpu", "cuda") or (use_cuda and not torch.cuda.is_available()):
         raise UsageError(f"--device {cfg.device}: not available here; use cpu, cuda or auto")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+    if use_cuda:  # this rank's GPU, also the one NCCL's collectives and object gathers use
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return rank, world, device
 
 
 def weight_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """--mixed_precision as a dtype; auto: bf16 on a GPU that has it, else fp32."""
-    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """--mixed_precision as a dtype; auto: bf16 on a GPU that computes in it (compute capability
+    >= 8.0; V100 and T4 only emulate it, slowly), else fp32."""
+    bf16_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     choice = ("bf16" if bf16_gpu else "no") if mixed_precision == "auto" else mixed_precision
     return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
@@ -910,22 +1052,39 @@ def mean_and_std_over_ranks(reward: torch.Tensor, device) -> tuple[float, float]
 
 
 def start_run(run: Path, cfg: Config, models, policy, prompts, reward_fn, optimizer, ema, micro):
-    """New run folder: config.json, the untrained model's held-out score (returned), checkpoint 0."""
-    (run / "samples").mkdir(parents=True, exist_ok=True)
-    (run / "metrics.jsonl").unlink(missing_ok=True)
-    config = json.dumps(dataclasses.asdict(cfg), indent=2)
-    atomic_write(run / "config.json", lambda tmp: tmp.write_text(config))
+    """New run folder (rank 0 writes): config.json, the untrained model's held-out score (every
+    rank scores its share; returned), checkpoint 0."""
+    show = not dist.is_initialized() or dist.get_rank() == 0
+    if show:
+        (run / "samples").mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").unlink(missing_ok=True)
+        config = json.dumps(dataclasses.asdict(cfg), indent=2)
+        atomic_write(run / "config.json", lambda tmp: tmp.write_text(config))
     tic = time.time()
-    reward, images = evaluate(models, policy, prompts, reward_fn, micro, show=True)
-    save_grid(held_out_path(run, 0), images, prompts, reward)
+    reward, images = evaluate(models, policy, prompts, reward_fn, micro, show)
     row = {"epoch": 0, "images_seen": 0, "reward_mean": None, "reward_std": None}
     row |= {"eval_reward_mean": reward.mean().item(), "eval_seconds": time.time() - tic}
     row |= {**dict.fromkeys(STAT_KEYS), "seconds": 0.0}
     if cfg.eval_raw:  # before training the raw weights are the averaged ones
         row["eval_raw_reward_mean"] = row["eval_reward_mean"]
-    append_metrics(run, row)
-    save_checkpoint(run, models.unet, optimizer, ema, 0)  # from here on, --resume always works
+    if show:
+        save_grid(held_out_path(run, 0), images, prompts, reward)
+        append_metrics(run, row)
+        save_checkpoint(run, models.unet, optimizer, ema, 0)  # from here on, --resume works
     return row["eval_reward_mean"]
+
+
+def held_out_scores(models, policy, params, ema, prompts, reward_fn, micro, eval_raw, show):
+    """The EMA weights' held-out score (and the raw weights' with --eval_raw), every rank scoring
+    its share: the metrics row's fields, the rewards and the images."""
+    tic, row = time.time(), {}
+    if eval_raw:  # the weights trained on, before the EMA is swapped in
+        raw = evaluate(models, policy, prompts, reward_fn, micro)[0]
+        row["eval_raw_reward_mean"] = raw.mean().item()
+    with swapped_in(params, ema):
+        reward, images = evaluate(models, policy, prompts, reward_fn, micro, show)
+    row |= {"eval_reward_mean": reward.mean().item(), "eval_seconds": time.time() - tic}
+    return row, reward, images
 
 
 def run_folder(cfg: Config) -> Path:
@@ -934,6 +1093,8 @@ def run_folder(cfg: Config) -> Path:
     run = Path(cfg.resume or cfg.out or f"runs/{cfg.algo}-{cfg.reward}-k{cfg.k}-{stamp}")
     if not cfg.resume and (run / "checkpoint").exists():
         raise UsageError(f"--out {run} holds a run; pass --resume {run} or another --out")
+    if not (existing := next(f for f in (run, *run.parents) if f.exists())).is_dir():
+        raise UsageError(f"--out {run}: {existing} is a file; pass a folder")
     return run
 
 
@@ -977,17 +1138,19 @@ def main(cfg: Config) -> Path:
         held_out = f"{len(eval_prompts)} held-out images ({cfg.eval_images_per_prompt} per prompt)"
         print(f"reward {reward_name}: {len(train_prompts)} training prompts, {held_out}")
 
-    # Load: frozen pipeline (bf16 on GPU), fp32 LoRA, the reward, the DDIM policy.
+    # Load: the reward (first: a missing download fails fast), frozen pipeline (bf16 on GPU), fp32
+    # LoRA (fp16: with a loss scaler), the DDIM policy.
+    options = reward_options(reward_name, cfg.prompt_dir, cfg.reward_options)
+    reward_fn, eval_reward_fn = load_rewards(reward_name, options, device)
     weight_dtype = weight_dtype_for(cfg.mixed_precision, device)
     models = load_models(
         model_path, device, weight_dtype, cfg.lora_rank, cfg.seed, cfg.lora_modules
     )
-    options = reward_options(reward_name, cfg.prompt_dir)
-    reward_fn = rewards.load_reward(reward_name, device=device, **options)
     policy = make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
     steps = check_trained_steps(policy.schedule, cfg)
     params = lora_parameters(models.unet)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)  # DDPO's decay
+    scaler = torch.amp.GradScaler(device.type, enabled=weight_dtype == torch.float16)
     if show:
         print(
             f"model {model_path}: {models.resolution}px, latent {models.latent_shape}, "
@@ -1002,53 +1165,62 @@ def main(cfg: Config) -> Path:
     # The run folder: continue from its checkpoint, or start it with the untrained score.
     start_epoch, micro = 0, sizes["micro_batch"]
     if cfg.resume:
-        start_epoch = load_checkpoint(run, models.unet, optimizer, ema)
+        start_epoch = load_checkpoint(run, models.unet, optimizer, ema, scaler)
         if show:
             truncate_metrics(run, start_epoch + 1)
             print(f"resumed {run} at epoch {start_epoch}")
-    elif show:
-        score = start_run(run, cfg, models, policy, eval_prompts, reward_fn, optimizer, ema, micro)
-        print(f"held-out {reward_name} before training: {score:.4f}")
+    check_first_ratio(models, policy, eval_prompts[:micro], steps, show)
+    if not cfg.resume:
+        score = start_run(
+            run, cfg, models, policy, eval_prompts, eval_reward_fn, optimizer, ema, micro
+        )
+        if show:
+            print(f"held-out {reward_name} before training: {score:.4f}")
     if world > 1:
         dist.barrier()
 
     # Optimise: each epoch = one rollout of B*K images per rank, then the algorithm's updates.
-    n_images, normalization = sizes["images_per_rank"], sizes["normalization"]
+    n_images = sizes["images_per_rank"]
     for epoch in tqdm(range(start_epoch, cfg.epochs), f"{cfg.algo} epochs", disable=not show):
         tic = time.time()
         rng, prompts, x_T, step_noise = epoch_inputs(
             cfg, rank, epoch, train_prompts, n_images, models.latent_shape
         )
         batch, reward = rollout(models, policy, prompts, x_T, step_noise, reward_fn, micro, show)
-        groups = reward.view(-1, cfg.k)  # (B*K,) -> (B, K)
-        advantage = compute_advantages(cfg.algo, groups, normalization, cfg.adv_clip).to(device)
-        stats = train_on_rollout(policy, batch, advantage, cfg, optimizer, rng, sizes, show)
+        check_finite(reward, prompts, device)  # on every rank: all stop together
+        groups, clip = reward.view(-1, cfg.k), {}  # (B*K,) -> (B, K)
+        advantage = compute_advantages(
+            cfg.algo, groups, cfg.normalize_advantage, cfg.adv_clip, clip
+        ).to(device)
+        stats = (
+            train_on_rollout(policy, batch, advantage, cfg, optimizer, rng, sizes, show, scaler)
+            | clip
+        )
         update_ema(ema, params, cfg.ema_decay)
+        if show and not stats["grad_norm"]:  # None: every step skipped; 0: every gradient 0
+            tqdm.write(
+                f"warning: epoch {epoch + 1}: the LoRA gradient was exactly zero (or non-finite) "
+                "at every update: nothing learned (all advantages zero? fp16 underflow?)"
+            )
 
-        # Log, evaluate, save: rank 0 writes, the checkpoint last.
+        # Evaluate (every rank its share), log, save: rank 0 writes, the checkpoint last.
         reward_mean, reward_std = mean_and_std_over_ranks(reward, device)
         row = {"epoch": epoch + 1, "images_seen": (epoch + 1) * cfg.images_per_epoch}
         row |= {"reward_mean": reward_mean, "reward_std": reward_std}
         row |= {"eval_reward_mean": None, "eval_seconds": None, **stats}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            scores, eval_reward, images = held_out_scores(models, policy, params, ema,
+                eval_prompts, eval_reward_fn, micro, cfg.eval_raw, show)  # fmt: skip
+            row |= scores
+            if show:
+                save_grid(held_out_path(run, epoch + 1), images, eval_prompts, eval_reward)
         if show:
             train_grid = run / "samples" / f"train_epoch_{epoch + 1:04d}.png"
             save_grid(train_grid, batch.images[:16], prompts[:16], reward[:16])
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                eval_tic = time.time()
-                if cfg.eval_raw:  # the weights trained on, before the EMA is swapped in
-                    raw = evaluate(models, policy, eval_prompts, reward_fn, micro)[0]
-                    row["eval_raw_reward_mean"] = raw.mean().item()
-                with swapped_in(params, ema):
-                    eval_reward, images = evaluate(
-                        models, policy, eval_prompts, reward_fn, micro, show
-                    )
-                save_grid(held_out_path(run, epoch + 1), images, eval_prompts, eval_reward)
-                row["eval_reward_mean"] = eval_reward.mean().item()
-                row["eval_seconds"] = time.time() - eval_tic
             with swapped_in(params, ema):
                 save_lora(models.unet, run / "lora")
             append_metrics(run, row | {"seconds": time.time() - tic - (row["eval_seconds"] or 0)})
-            save_checkpoint(run, models.unet, optimizer, ema, epoch + 1)
+            save_checkpoint(run, models.unet, optimizer, ema, epoch + 1, scaler)
             tqdm.write(
                 f"epoch {epoch + 1}: reward {reward_mean:.4f} clipfrac "
                 f"{stats['clipfrac']:.3f} held-out {row['eval_reward_mean']}"
@@ -1064,41 +1236,61 @@ def main(cfg: Config) -> Path:
 
 
 # === Command line (fire): every Config field is a --flag
+# a resume may change how long the run goes, how often it is scored and where it runs; any other
+# flag would make the resumed run another experiment than its config.json says
+RESUMABLE = ("resume", "epochs", "eval_every", "eval_raw", "micro_batch", "device")
+
+
+def parse_flag(name: str, value, kind: type):
+    """One --flag's value as its Config type (fire hands over ints, floats, dicts, strings)."""
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "false": False, "0": False}[str(value).lower()]
+        if kind in (int, float):
+            if kind is int and float(value) != int(value):
+                raise ValueError
+            return kind(value)
+        return json.dumps(value) if isinstance(value, dict) else str(value)
+    except (KeyError, TypeError, ValueError):
+        raise UsageError(f"--{name} {value!r}: expected {kind.__name__}") from None
+
+
 def config_from_flags(flags: dict) -> Config:
-    """A Config from --flags, type-checked; with --resume, start from the run's config.json."""
+    """A Config from --flags, type-checked; with --resume, the run's config.json, of which the
+    flags may change only RESUMABLE ones."""
     hints = typing.get_type_hints(Config)
     if unknown := sorted(set(flags) - set(hints)):
         names = ", ".join("--" + name for name in unknown)
         raise UsageError(f"unknown flag(s) {names}; see python loop.py --help")
-    values = {}
-    if flags.get("resume"):
-        run = Path(flags["resume"])
-        if not (run / "config.json").is_file() or not (run / "checkpoint" / "state.pt").is_file():
-            raise UsageError(f"--resume {run}: no config.json and checkpoint/ there; pass a run")
-        values = json.loads((run / "config.json").read_text())
-        if stale := sorted(set(values) - set(hints)):  # written by another version of loop.py
-            raise UsageError(f"--resume {run}: config.json has {stale}, unknown here; delete them")
-    for name, value in flags.items():
-        kind = hints[name]
-        try:
-            if kind is bool:
-                values[name] = {"true": True, "1": True, "false": False, "0": False}[
-                    str(value).lower()
-                ]
-            else:
-                values[name] = kind(value) if kind in (int, float) else str(value)
-        except (KeyError, TypeError, ValueError):
-            raise UsageError(f"--{name} {value!r}: expected {kind.__name__}") from None
-        if kind is int and float(value) != int(value):
-            raise UsageError(f"--{name} {value!r}: expected an integer")
-    return Config(**values)
+    given = {name: parse_flag(name, value, hints[name]) for name, value in flags.items()}
+    if not given.get("resume"):
+        return Config(**given)
+    run = Path(given["resume"])
+    state = run / "checkpoint" / "state.pt"
+    if not (run / "config.json").is_file() or not state.is_file():
+        raise UsageError(f"--resume {run}: no config.json and checkpoint/ there; pass a run")
+    if not zipfile.is_zipfile(state):  # torch.save writes a zip file; a truncated one is none
+        raise UsageError(f"--resume {run}: {state} is truncated or no checkpoint; start anew")
+    try:
+        values = json.loads((run / "config.json").read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"--resume {run}: config.json is not JSON ({error})") from None
+    if stale := sorted(set(values) - set(hints)):  # written by another version of loop.py
+        raise UsageError(f"--resume {run}: config.json has {stale}, unknown here; delete them")
+    saved = Config(**values)
+    changed = [f"--{n}" for n, v in given.items() if n not in RESUMABLE and v != getattr(saved, n)]
+    if changed:
+        allowed = ", ".join(f"--{name}" for name in RESUMABLE[1:])
+        raise UsageError(
+            f"--resume {run}: {', '.join(changed)} would make another experiment than its "
+            f"config.json says; a resume may change only {allowed} (else start a new run)"
+        )
+    return dataclasses.replace(saved, **given)
 
 
 def cli(**flags) -> None:
     if flags.pop("help", False) or flags.pop("h", False):
-        # each Config field's docstring is the string statement under it
-        pairs = itertools.pairwise(ast.parse(inspect.getsource(Config)).body[0].body)
-        docs = {a.target.id: b.value.value for a, b in pairs if isinstance(a, ast.AnnAssign)}
+        docs = config_docs()
         lines = [f"  --{name} (default {getattr(Config, name)!r}): {docs[name]}" for name in docs]
         print("python loop.py [--flag value ...]\n" + "\n".join(lines))
         return

@@ -73,7 +73,7 @@ def estimator_gradient(policy, batch, reward, cfg: loop.Config, first_update: bo
     """The LoRA gradient of cfg.algo's first optimizer step on this rollout: (D,) float64."""
     sizes = loop.check_config(cfg, 1)
     advantage = loop.compute_advantages(
-        cfg.algo, reward.view(-1, cfg.k), sizes["normalization"], cfg.adv_clip
+        cfg.algo, reward.view(-1, cfg.k), cfg.normalize_advantage, cfg.adv_clip
     )  # over the whole rollout, as loop.main
     if first_update:  # only the first minibatch: one optimizer step, at rho = 1
         batch, advantage = first_rows(batch, sizes["minibatch"]), advantage[: sizes["minibatch"]]

@@ -110,8 +110,38 @@ def test_advantage_branches_and_normalisation():
     batch = loop.normalize(reward, "batch")
     torch.testing.assert_close(batch.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
     torch.testing.assert_close(batch.std(unbiased=False), torch.tensor(1.0))
-    clipped = loop.compute_advantages("reinforce", reward * 10, "off", 2.0)
-    assert clipped.max() == 2.0
+    # the clip acts in units of the batch's std: raw A to mean +- c std (mean 5, std sqrt(12.5))
+    clipped = loop.compute_advantages("reinforce", reward * 10, "off", 0.5)
+    torch.testing.assert_close(clipped.max(), torch.tensor(5 + 0.5 * 12.5**0.5))
+
+
+# reward (B, K) = (16, 4) at the scales of DDPO's rewards: JPEG size in kB and in bytes, aesthetic
+REWARD_SCALES = {"jpeg_kb": (-60.0, 12.0), "jpeg_bytes": (-6e4, 1.2e4), "aesthetic": (5.5, 0.3)}
+
+
+@pytest.mark.parametrize("scale", list(REWARD_SCALES))
+@pytest.mark.parametrize("algo", loop.ALGOS)
+def test_adv_clip_means_the_same_at_every_reward_scale(algo, scale):
+    """DDPO's clip (5) is meant for normalised advantages; in reward units it clipped 99% of
+    REINFORCE's and ~78% of LOOP's JPEG-scale advantages (a sign estimator), and tied every
+    aesthetic-scale REINFORCE image. In units of the batch's std it means the same at any scale."""
+    center, spread = REWARD_SCALES[scale]
+    unit = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))  # (B, K)
+    unit[3, 1] = 20.0  # one outlier, which the clip exists for
+    stats, unit_stats = {}, {}
+    advantage = loop.compute_advantages(algo, center + spread * unit, "auto", 5.0, stats)
+    reference = loop.compute_advantages(algo, unit, "auto", 5.0, unit_stats)
+    expected = 0.0 if algo == "ppo" else 1 / 64  # per-prompt z-scores of K = 4 stay < sqrt(3)
+    assert stats["adv_clipfrac"] == unit_stats["adv_clipfrac"] == expected  # only the outlier
+    if algo == "ppo":  # normalised: the same numbers at every scale
+        torch.testing.assert_close(advantage, reference, atol=1e-4, rtol=1e-4)
+    else:  # raw: the reward's units, the same shape (REINFORCE keeps its offset)
+        offset = center if algo == "reinforce" else 0.0
+        torch.testing.assert_close((advantage - offset) / spread, reference, atol=1e-3, rtol=1e-4)
+    if algo in ("rloo", "loop"):  # the prompts without the outlier still sum to zero
+        groups = advantage.view(16, 4).sum(dim=1) / spread
+        assert groups[torch.arange(16) != 3].abs().max() < 1e-4
+    assert len(advantage.unique()) > 60  # not a sign estimator: no ties at the bounds
 
 
 def _grads(loss_fn, log_prob_value):

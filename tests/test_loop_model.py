@@ -400,3 +400,103 @@ def test_saved_lora_is_the_ema_and_training_continues_from_the_raw_weights(tmp_p
     assert saved.keys() == ema.keys() == raw.keys()
     assert all(torch.equal(saved[key], ema[key]) for key in saved)
     assert not all(torch.allclose(saved[key], raw[key]) for key in saved)
+
+
+def fp16_gradient_norm(tiny_model, scaler) -> float:
+    """The LoRA gradient norm of one update with fp16 frozen weights. The advantages are scaled
+    to 1e-6 so that, at 8x8x4 latents, the gradient reaching the UNet output is as small as at
+    SD 2's 64x64x4 with advantages of order 1 (log pi a mean over 16,384 dimensions)."""
+    models = loop.load_models(str(tiny_model), torch.device("cpu"), torch.float16, 4, 0)
+    cfg = tiny_config(algo="loop", min_train_sigma=0.0)
+    policy, batch, _ = fresh_rollout(models, cfg)
+    advantage = 1e-6 * torch.randn(8, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW(loop.lora_parameters(models.unet), lr=1e-3)
+    sizes = loop.check_config(cfg, world=1)
+    stats = loop.train_on_rollout(
+        policy, batch, advantage, cfg, optimizer, random.Random(0), sizes, scaler=scaler
+    )
+    return stats["grad_norm"]
+
+
+def test_fp16_learns_only_with_the_loss_scaler(tiny_model):
+    """Without a loss scaler fp16's backward underflows to an exactly zero LoRA gradient (and no
+    NaN warns); loop.main scales the loss for fp16, and unscales before the gradient clip."""
+    assert fp16_gradient_norm(tiny_model, None) == 0.0
+    scaled = fp16_gradient_norm(tiny_model, torch.amp.GradScaler("cpu"))
+    assert scaled > 0
+    models = load(tiny_model)  # fp32: the gradient the scaled fp16 one approximates
+    cfg = tiny_config(algo="loop", min_train_sigma=0.0)
+    policy, batch, _ = fresh_rollout(models, cfg)
+    advantage = 1e-6 * torch.randn(8, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW(loop.lora_parameters(models.unet), lr=1e-3)
+    sizes = loop.check_config(cfg, world=1)
+    fp32 = loop.train_on_rollout(policy, batch, advantage, cfg, optimizer, random.Random(0), sizes)
+    assert scaled == pytest.approx(fp32["grad_norm"], rel=0.3)  # unscaled: the true units
+
+
+def test_an_epoch_with_an_exactly_zero_gradient_is_warned_about(
+    tmp_path, tiny_model, monkeypatch, capsys
+):
+    """A constant reward gives LOOP zero advantages: nothing is learned, and the run says so."""
+    constant = lambda images, prompts: torch.zeros(len(prompts))
+    monkeypatch.setattr(loop.rewards, "load_reward", lambda name, device, **options: constant)
+    run = run_main(tmp_path, tiny_model, "zero", epochs=1, algo="loop")
+    assert metrics(run)[-1]["grad_norm"] == 0.0
+    assert "the LoRA gradient was exactly zero" in capsys.readouterr().out
+
+
+def test_first_ratio_check_at_start_up(tiny_model, capsys, monkeypatch):
+    """Re-scoring a fresh micro-batch with grad reproduces sampling: max |log rho_t| is printed
+    (0 on the CPU); a re-scoring path that differs (as other GPU kernels may) is warned about."""
+    models = load(tiny_model)
+    perturb_lora(models)
+    cfg = tiny_config()
+    policy = loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
+    steps = loop.trained_steps(policy.schedule, 0.0)
+    assert loop.check_first_ratio(models, policy, PROMPTS[:4], steps, show=True) == 0.0
+    out = capsys.readouterr()
+    assert "max |log rho_t| = 0.00e+00" in out.out and "warning" not in out.err
+    real = loop.guided_noise_prediction
+
+    def other_kernels(*args):  # with grad (re-scoring) the prediction moves by 1e-3
+        return real(*args) + (1e-3 if torch.is_grad_enabled() else 0.0)
+
+    monkeypatch.setattr(loop, "guided_noise_prediction", other_kernels)
+    assert loop.check_first_ratio(models, policy, PROMPTS[:4], steps) > 1e-6
+    assert "warning: re-scoring a fresh rollout" in capsys.readouterr().err
+
+
+def test_rollout_keeps_its_images_off_the_training_device(tiny_model):
+    """Training needs latents, log-probs and prompts; the decoded images (fp32, 512 px at SD 2
+    scale) go to the CPU after scoring instead of staying on the GPU all epoch."""
+    models = load(tiny_model)
+    cfg = tiny_config()
+    _, batch, _ = fresh_rollout(models, cfg)
+    assert batch.images.device.type == "cpu" and batch.images.shape[0] == 8
+    assert batch.latents.device == models.device
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"), [((7, 0), torch.float32), ((8, 0), torch.bfloat16)]
+)
+def test_auto_precision_picks_bf16_only_where_the_gpu_computes_in_it(
+    monkeypatch, capability, expected
+):
+    """V100 (7.0) and T4 (7.5) report bf16 as supported but emulate it: auto picks fp32 there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert loop.weight_dtype_for("auto", torch.device("cuda:0")) == expected
+    assert loop.weight_dtype_for("auto", torch.device("cpu")) == torch.float32
+    assert loop.weight_dtype_for("fp16", torch.device("cuda:0")) == torch.float16
+
+
+def test_each_rank_sets_its_cuda_device(monkeypatch):
+    """torchrun's LOCAL_RANK picks the GPU, and the rank makes it current (NCCL's object
+    collectives and any bare .cuda() use the current device)."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert loop.setup_distributed(loop.Config(device="cuda"))[2] == torch.device("cuda:1")
+    assert chosen == [torch.device("cuda:1")]
