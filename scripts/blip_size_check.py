@@ -10,8 +10,9 @@ wrote, so the default can be chosen on evidence. It has not been run yet (no GPU
    OUT/annotation_blip/vqa_result.json: one {"question_id": k, "answer": score} per image, k in the
    order of the images sorted by index.
 3. python scripts/blip_size_check.py --samples OUT/samples \\
-       --compbench OUT/annotation_blip/vqa_result.json --blip_model weights/blip --splitter spacy
-   (--splitter spacy asks CompBench's exact questions, so that only the image size differs.)
+       --compbench OUT/annotation_blip/vqa_result.json --blip_model weights/blip
+   (rewards.py asks CompBench's questions, from spaCy's noun chunks, so that only the image size
+   differs: `pip install spacy && python -m spacy download en_core_web_sm` first.)
 
 Prints, per size, the mean score, CompBench's mean, the mean |difference| and the correlation.
 """
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument(
         "--blip_model", default=rewards.BLIP_VQA_MODEL, help="hub id or local folder"
     )
-    parser.add_argument("--splitter", default="spacy", choices=["spacy", "rules"])
+    parser.add_argument("--spacy_model", default=rewards.SPACY_MODEL, help="spaCy pipeline name")
     parser.add_argument("--sizes", type=int, nargs="+", default=[384, 480])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=16)
@@ -86,7 +87,7 @@ def main() -> None:
     theirs = torch.tensor([answers[k] for k in range(len(samples))])
     print(f"{len(samples)} images; CompBench's mean {theirs.mean():.4f}")
     for size in args.sizes:
-        options = {"model": args.blip_model, "splitter": args.splitter, "image_size": size}
+        options = {"model": args.blip_model, "spacy_model": args.spacy_model, "image_size": size}
         reward = rewards.load_reward("color", args.device, dtype="original", **options)
         print(f"{size} px: {compare(score_all(reward, samples, args.batch), theirs)}")
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,8 @@ WORDS = sorted(
     rewards.words(
         "a an the and of on to next near top left right bottom side yes no ? red "
         "green blue white brown bench car backpack bowl clock tablet lamp blanket "
-        "balloon giraffe dog cat round square metallic fluffy desk photo"
+        "balloon giraffe dog cat round square metallic fluffy desk photo circle triangle "
+        "striped dotted yellow purple above below"
     )
 )
 SMALL_LAYERS = {
@@ -180,13 +183,14 @@ def random_images(n: int, size: int = 40, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+# prompts of the shapes world, whose template needs no spaCy (the spaCy path: FakeSpacy below)
 PROMPTS = [
-    "a green bench and a red car",
-    "a blue backpack and a red and white bowl",
-    "a round clock and a square tablet",
-    "a metallic desk lamp and a fluffy blanket",
-    "a balloon on the top of a giraffe",
-    "a dog next to a cat",
+    "a green square and a red circle",
+    "a blue triangle and a red circle and a white square",
+    "a striped circle and a dotted square",
+    "a yellow circle",
+    "a red circle on the left of a blue square",
+    "a green triangle above a white square",
 ]
 
 
@@ -309,155 +313,171 @@ def test_jpeg_size_matches_pil_and_signs():
 # ----------------------------------------------------------------------------------------------------
 # BLIP-VQA: the splitter, the yes/no arithmetic, the product, the model path
 # ----------------------------------------------------------------------------------------------------
+# Noun phrases come from spaCy (not installed by requirements.txt): the tests stand in for its pipeline
+# with FakeSpacy, which reads hand-annotated parses; tests/test_rewards_real.py runs the real model.
+class FakeToken:
+    def __init__(self, text: str, pos: str):
+        self.text, self.pos_ = text, pos
+
+
+class FakeChunk:
+    """A noun chunk: text, root token (its last word), character span, length in tokens."""
+
+    def __init__(self, text: str, start: int, root: FakeToken):
+        self.text, self.start_char, self.end_char, self.root = text, start, start + len(text), root
+        self.size = len(text.split())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class FakeDoc(list):
+    """Tokens (word -> ADJ if listed, PRON if a pronoun, else NOUN) and bracketed noun chunks."""
+
+    ADJECTIVES = rewards.words("red green blue white brown small fluffy wooden yellow")
+    PRONOUNS = rewards.words("it them that")
+
+    def __init__(self, annotated: str):
+        self.prompt = annotated.replace("[", "").replace("]", "")
+        super().__init__(FakeToken(w, self.pos(w)) for w in re.findall(r"\w+|[^\w\s]", self.prompt))
+        self.noun_chunks, removed = [], 0
+        for match in re.finditer(r"\[([^\]]+)\]", annotated):
+            start = match.start() - removed
+            root = match.group(1).split()[-1]
+            self.noun_chunks.append(
+                FakeChunk(match.group(1), start, FakeToken(root, self.pos(root)))
+            )
+            removed += 2
+
+    def pos(self, word: str) -> str:
+        return "ADJ" if word in self.ADJECTIVES else "PRON" if word in self.PRONOUNS else "NOUN"
+
+
+def fake_spacy(monkeypatch, *annotated: str) -> dict[str, FakeDoc]:
+    """Install a stand-in for spaCy's en_core_web_sm that knows these prompts' parses."""
+    docs = {doc.prompt: doc for doc in map(FakeDoc, annotated)}
+    monkeypatch.setitem(rewards.SPACY, rewards.SPACY_MODEL, docs.__getitem__)
+    return docs
+
+
+@pytest.fixture
+def no_spacy(monkeypatch):
+    """No spaCy at all: importing it fails, and no pipeline is loaded."""
+    monkeypatch.setattr(rewards, "SPACY", {})
+    monkeypatch.setitem(sys.modules, "spacy", None)
+
+
+def test_shapes_world_prompts_need_no_spacy(no_spacy):
+    """Every prompt of the world is split by its template into the phrases the world itself reads."""
+    import shapes_world as W
+
+    prompts = [p for category in W.CATEGORIES for p in W.all_prompts(category)]
+    assert len(prompts) == 1764
+    for prompt in prompts:
+        phrases, _ = W.parse_prompt(prompt)
+        found = rewards.noun_phrases(prompt)
+        assert [W.parse_phrase(p.text) for p in found] == phrases
+        assert [p.head for p in found] == [p["shape"] for p in phrases]
+        assert all(prompt[p.start : p.end] == p.text for p in found)
+    assert rewards.blip_questions("A striped red circle above a blue square.") == [
+        "a striped red circle?",
+        "a blue square?",
+    ]
+    assert rewards.parse_spatial_prompt("a red circle below a blue square") == (
+        "circle",
+        "below",
+        "square",
+    )
+    # anything else is not the template: another word, relation, determiner or sentence
+    for prompt in (
+        "a red circle and a dog",
+        "a red circle near a blue square",
+        "the red circle",
+        "a red circle, a blue square",
+        "there is a red circle",
+    ):
+        assert rewards.shapes_world_phrases(prompt) is None, prompt
+
+
+def test_missing_spacy_is_a_one_line_error_saying_how_to_install_it(
+    no_spacy, blip_dir, owl_dir, monkeypatch
+):
+    sentence = "A small brown dog slept below a red wooden table."
+    for fn in (
+        rewards.blip_questions,
+        rewards.parse_spatial_prompt,
+        rewards.without_attributes,
+        lambda p: rewards.load_reward("color", model=blip_dir)(random_images(1), [p]),
+        lambda p: rewards.load_reward("spatial", model=owl_dir)(random_images(1), [p]),
+    ):
+        with pytest.raises(RuntimeError) as error:
+            fn(sentence)
+        message = str(error.value)
+        assert rewards.SPACY_INSTALL in message and "\n" not in message
+        assert "pip install spacy && python -m spacy download en_core_web_sm" in message
+    # a prompt without a relation word needs no parse for the spatial objects
+    assert rewards.parse_spatial_prompt("A small brown dog slept.") is None
+
+    # spaCy without its model: spacy.load raises OSError (E050)
+    def load(name):
+        raise OSError(f"[E050] Can't find model '{name}'.\nIt doesn't seem to be a Python package.")
+
+    monkeypatch.setitem(sys.modules, "spacy", types.SimpleNamespace(load=load))
+    with pytest.raises(
+        RuntimeError, match=r"\(\[E050\] Can't find model 'en_core_web_sm'\.\)"
+    ) as error:
+        rewards.blip_questions(sentence)
+    assert "\n" not in str(error.value) and rewards.SPACY_INSTALL in str(error.value)
+
+
+def test_blip_questions_are_compbench_noun_chunks(monkeypatch):
+    """One question per chunk, as BLIP reads it; the exact chunks 'top', 'the side', 'the left',
+    'the right' dropped and no others; at most 8."""
+    many = " ".join(f"[a{i} b]" for i in range(10))
+    fake_spacy(
+        monkeypatch,
+        "[A small brown dog] slept below [a red wooden table].",
+        "[a dog] on [the left] of [The left] [top] [the top] [side] [the side] [Mr. Brown's (cat)]",
+        many,
+    )
+    assert rewards.blip_questions("A small brown dog slept below a red wooden table.") == [
+        "a small brown dog?",
+        "a red wooden table?",
+    ]
+    questions = rewards.blip_questions(
+        "a dog on the left of The left top the top side the side Mr. Brown's (cat)"
+    )
+    assert questions == ["a dog?", "the left?", "the top?", "side?", "mr brown's cat?"]
+    assert rewards.blip_questions(many.replace("[", "").replace("]", "")) == [
+        f"a{i} b?" for i in range(8)
+    ]
+
+
 @pytest.mark.parametrize(
-    "prompt, phrases",
+    "annotated, parsed",
     [
-        ("a green bench and a red car", ["a green bench", "a red car"]),
-        (
-            "a blue backpack and a red and white bowl",
-            ["a blue backpack", "a red and white bowl"],
-        ),
-        ("a round clock and a square tablet", ["a round clock", "a square tablet"]),
-        (
-            "a metallic desk lamp and a fluffy blanket",
-            ["a metallic desk lamp", "a fluffy blanket"],
-        ),
-        (
-            "An oval mirror and a rectangular rug.",
-            ["an oval mirror", "a rectangular rug"],
-        ),
-        ("red apples and green grapes", ["red apples", "green grapes"]),
-        (
-            "a black and white cat and a brown dog",
-            ["a black and white cat", "a brown dog"],
-        ),
-        # CompBench drops the chunks "the left", "the right", "the side", "top", but asks "the top?"
-        ("a balloon on the top of a giraffe", ["a balloon", "the top", "a giraffe"]),
-        ("a balloon on top of a giraffe", ["a balloon", "a giraffe"]),
-        ("a dog on the left of a cat", ["a dog", "a cat"]),
-        (
-            "The brown dog sat next to the white cat.",
-            ["the brown dog", "the white cat"],
-        ),
-        (
-            "a blue bench, a green car and a red bird",
-            ["a blue bench", "a green car", "a red bird"],
-        ),
-        ("a red car", ["a red car"]),
-        # sentence prompts of CompBench's complex form: verbs end a phrase and are never asked
-        (
-            "The fresh green pear rested beside the ripe yellow banana.",
-            ["the fresh green pear", "the ripe yellow banana"],
-        ),
-        (
-            "The tall black lamp stood next to the soft grey sofa.",
-            ["the tall black lamp", "the soft grey sofa"],
-        ),
-        (
-            "The old wooden ladle stirs the thick red soup.",
-            ["the old wooden ladle", "the thick red soup"],
-        ),
-        ("The small brown puppy sleeping on the rug", ["the small brown puppy", "the rug"]),
-        ("A grey kettle parked beside a white mug.", ["a grey kettle", "a white mug"]),
-        ("The round clock was mounted on the white wall.", ["the round clock", "the white wall"]),
-        # a verb form or modal that ends the phrase is a noun: "a soda can", "a trophy stand"
-        ("a cubic box and a cylindrical soda can", ["a cubic box", "a cylindrical soda can"]),
-        ("a round vase and a square plant stand", ["a round vase", "a square plant stand"]),
-        ("a can of soup", ["a can", "soup"]),
-        ("the dog can jump over the fence", ["the dog", "the fence"]),
-        # participles and gerunds that modify a noun stay in its phrase
-        ("a cutting board and the dining table", ["a cutting board", "the dining table"]),
-        (
-            "a dark colored scarf on a black seated stool",
-            ["a dark colored scarf", "a black seated stool"],
-        ),
-        # commas are boundaries, except inside a list of attributes (spaCy keeps them in the chunk)
-        (
-            "a shelf with blue jars, bowls and cups",
-            ["a shelf", "blue jars", "bowls", "cups"],
-        ),
-        ("a big, brown basket", ["a big, brown basket"]),
-        (
-            "a rug with a blue, black, and white pattern",
-            ["a rug", "a blue, black, and white pattern"],
-        ),
-        # predicates after "is" / "looked" are not objects; a relative pronoun is a chunk of its own
-        ("The pink vase looked elegant on the shelf.", ["the pink vase", "the shelf"]),
-        ("a bathroom that is white", ["a bathroom", "that"]),
-        # second pass (issue 11, point 2); each case failed before its rule
-        # any letter is a letter
-        ("a round piñata and a square box", ["a round piñata", "a square box"]),
-        # a determiner with adjectives only has no noun yet: the list goes on past "and" / ","
-        ("a playful and cheerful puppy on a mat", ["a playful and cheerful puppy", "a mat"]),
-        ("the glossy, slippery floor of the hall", ["the glossy, slippery floor", "the hall"]),
-        ("a wooden table and fluffy clouds", ["a wooden table", "fluffy clouds"]),
-        # a participle before a determiner is a verb with its object
-        ("The oval stone added a glow to the room.", ["the oval stone", "a glow", "the room"]),
-        # an adjective word that ends a longer phrase is its noun before a finite verb
-        (
-            "The warm yellow light shone on the old piano.",
-            ["the warm yellow light", "the old piano"],
-        ),
-        # after "a" + one word, a base form is a noun (a singular subject takes "displays")
-        ("a glowing display of lamps", ["a glowing display", "lamps"]),
-        # infinitives, reciprocal pronouns, gerunds and participle clauses name no object
-        ("a quiet bench to rest on", ["a quiet bench"]),
-        ("two cats facing each other", ["two cats"]),
-        ("a tray for holding cups", ["a tray", "cups"]),
-        ("The clouds drifted, casting long shadows.", ["the clouds", "long shadows"]),
-        ("the rope tied around the post", ["the rope", "the post"]),
-        # an adverb on a participle stays in the phrase
-        ("the softly lit hallway", ["the softly lit hallway"]),
-        # an adjective right after a verb of position is its predicate; after other verbs a noun
-        ("The white vase sat empty on the shelf.", ["the white vase", "the shelf"]),
-        ("The lamp casts light on the desk.", ["the lamp", "light", "the desk"]),
+        ("[A small brown dog] slept below [a red wooden table].", ("dog", "below", "table")),
+        ("[a balloon] on [the top] of [a giraffe]", ("balloon", "on the top of", "giraffe")),
+        ("[a dog] on [the left] of [a cat]", ("dog", "on the left of", "cat")),
+        ("[The red book] was on [top] of [the wooden table].", ("book", "on top of", "table")),
+        ("[The dog] lay next  to [the cat]", ("dog", "next to", "cat")),
+        # a lone pronoun is no object: no second object, no relation scored
+        ("[The dog] sat next to [it].", None),
+        ("[a green bench] and [a red car]", None),
     ],
 )
-def test_split_noun_phrases(prompt, phrases):
-    assert rewards.split_noun_phrases(prompt) == phrases
+def test_parse_spatial_prompt(monkeypatch, annotated, parsed):
+    docs = fake_spacy(monkeypatch, annotated)
+    assert rewards.parse_spatial_prompt(next(iter(docs))) == parsed
 
 
-def test_blip_questions_are_normalised_as_blip_reads_them():
-    # f"{phrase}?", lowercased, CompBench's pre_question punctuation removed
-    assert rewards.blip_question("Mr. Brown's (red) car") == "mr brown's red car?"
-    assert rewards.blip_questions("The crisp green lettuce lay next to the tomato.") == [
-        "the crisp green lettuce?",
-        "the tomato?",
-    ]
-    with pytest.raises(ValueError, match="splitter must be"):
-        rewards.blip_questions("a red car", "nltk")
-
-
-def test_spacy_splitter_is_optional(blip_dir):
-    try:
-        import spacy
-
-        spacy.load("en_core_web_sm")
-    except (ImportError, OSError):
-        reward = rewards.load_reward("color", model=blip_dir, splitter="spacy")
-        with pytest.raises(RuntimeError, match="spacy download en_core_web_sm"):
-            reward(random_images(1), ["a red car"])
-    else:
-        phrases = rewards.spacy_noun_phrases("a green bench and a red car")
-        assert phrases == ["a green bench", "a red car"]
-
-
-class Chunk:
-    def __init__(self, text: str):
-        self.text = text
-
-
-def test_spacy_splitter_drops_exactly_compbench_chunks(monkeypatch):
-    """CompBench drops the exact chunks 'top', 'the side', 'the left', 'the right' and no others."""
-    chunks = ["a dog", "the top", "top", "the left", "The left", "side", "the side", "a cat"]
-    fake = type("Doc", (), {"noun_chunks": [Chunk(c) for c in chunks]})
-    monkeypatch.setitem(rewards.SPACY, "fake", lambda prompt: fake)
-    kept = rewards.spacy_noun_phrases("any prompt", model="fake")
-    assert kept == ["a dog", "the top", "The left", "side", "a cat"]
-    assert rewards.blip_questions("x", "spacy", spacy_model="fake")[1:3] == [
-        "the top?",
-        "the left?",
-    ]
+def test_without_attributes_drops_spacy_adjectives(monkeypatch):
+    fake_spacy(monkeypatch, "[The fluffy dog] chased [the white cat].")
+    # CompBench joins spaCy's tokens with spaces
+    assert (
+        rewards.without_attributes("The fluffy dog chased the white cat.")
+        == "The dog chased the cat ."
+    )
 
 
 def test_yes_probability_arithmetic():
@@ -480,7 +500,9 @@ def test_product_over_phrases():
 
 
 def test_blip_vqa_batching_precision_and_range(blip_dir):
-    scores = check_batching_and_precision("color", blip_dir)
+    # BLIP_INIT's large random weights make mid-range scores chaotic: bfloat16 rounding moved them by
+    # up to 0.28 over 8 image seeds (0.08 on these images), with these prompts as with sentences
+    scores = check_batching_and_precision("color", blip_dir, atol=0.3)
     assert ((scores > 0) & (scores < 1)).all()
 
 
@@ -490,7 +512,7 @@ def test_blip_vqa_is_the_product_over_phrase_questions(blip_dir):
     image = random_images(1)
     images = image.expand(3, -1, -1, -1)
     both, first, second = reward(
-        images, ["a red car and a green bench", "a red car", "a green bench"]
+        images, ["a red circle and a green square", "a red circle", "a green square"]
     )
     torch.testing.assert_close(both, first * second, atol=1e-6, rtol=1e-5)
 
@@ -551,35 +573,6 @@ def test_torch_preprocessing_matches_the_processors(blip_dir, clip_dir):
 # ----------------------------------------------------------------------------------------------------
 # spatial: the rule (exact) and the detector path (random OWLv2)
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "prompt, parsed",
-    [
-        ("a balloon on the top of a giraffe", ("balloon", "on the top of", "giraffe")),
-        ("a dog on the left of a cat", ("dog", "on the left of", "cat")),
-        ("a man next to a white horse", ("man", "next to", "horse")),
-        (
-            "The red book was on top of the wooden table.",
-            ("book", "on top of", "table"),
-        ),
-        ("a red circle above a blue square", ("circle", "above", "square")),
-        ("a green bench and a red car", None),
-        # the word before the relation is a verb: the object is the head noun of the phrase before it
-        (
-            "The crisp green lettuce lay next to the juicy red tomato.",
-            ("lettuce", "next to", "tomato"),
-        ),
-        (
-            "The blue kettle was placed on the left of the white mug.",
-            ("kettle", "on the left of", "mug"),
-        ),
-        ("A grey car parked near a tall tree", ("car", "near", "tree")),
-        ("The old dog sleeping on side of the warm stove.", ("dog", "on side of", "stove")),
-    ],
-)
-def test_parse_spatial_prompt(prompt, parsed):
-    assert rewards.parse_spatial_prompt(prompt) == parsed
-
-
 def box(cx: float, cy: float, half: float = 0.1) -> torch.Tensor:
     return torch.tensor([cx - half, cy - half, cx + half, cy + half])
 
@@ -640,8 +633,13 @@ def test_two_objects_are_two_detections():
     assert rewards.two_detections(boxes, confidence, 0.1, [True, False])[1] is None
 
 
-def test_spatial_strict_labels(owl_dir, tmp_path):
-    prompts = ["a dog next to a cat", "a man next to a cat", "a dog next to a giraffe"]
+def test_spatial_strict_labels(owl_dir, tmp_path, monkeypatch):
+    annotated = [
+        "[a dog] next to [a cat]",
+        "[a man] next to [a cat]",
+        "[a dog] next to [a giraffe]",
+    ]
+    prompts = list(fake_spacy(monkeypatch, *annotated))
     images = random_images(3)
     loose = rewards.load_reward("spatial", model=owl_dir, box_threshold=0.0)(images, prompts)
     assert (loose > 0).all()
@@ -663,14 +661,19 @@ def test_spatial_strict_labels(owl_dir, tmp_path):
         rewards.load_reward("spatial", model=owl_dir, labels=str(tmp_path / "missing.txt"))
 
 
-def test_spatial_detector_path(owl_dir):
-    prompts = PROMPTS[4:] + [
-        "a red car on the right of a bench",
-        "a bench below a clock",
-    ]
+def test_spatial_detector_path(owl_dir, monkeypatch):
+    # "next to" scores a position on any two boxes; the four axes often score 0 on random boxes
+    prompts = PROMPTS[4:] + list(
+        fake_spacy(
+            monkeypatch,
+            "[a balloon] on [the top] of [a giraffe]",
+            "[a dog] next to [a cat]",
+            "[a red car] on [the right] of [a bench]",
+        )
+    )
     scores = check_batching_and_precision("spatial", owl_dir, prompts, box_threshold=0.0)
     assert ((scores == 0) | ((scores >= 0.5) & (scores <= 1))).all()
-    no_relation = rewards.load_reward("spatial", model=owl_dir)(random_images(1), ["a red car"])
+    no_relation = rewards.load_reward("spatial", model=owl_dir)(random_images(1), ["a red circle"])
     assert no_relation.item() == 0.0
 
 
@@ -712,7 +715,7 @@ def test_clipscore_prefixes_a_photo_depicts(clip_dir):
 def fake_scorer(values: dict[str, float], calls: list):
     """A loader whose reward returns values[prompt] and records the prompts it was asked about."""
 
-    def loader(device="cpu", model=None, dtype=None):
+    def loader(device="cpu", **options):
         def reward(images, prompts):
             calls.append(list(prompts))
             return torch.tensor([values[p] for p in prompts])
@@ -724,9 +727,12 @@ def fake_scorer(values: dict[str, float], calls: list):
 
 def test_complex_routes_with_compbench_lists(tmp_path, monkeypatch):
     """With the lists: spatial -> (a + s) / 2, action -> (a + c) / 2, neither -> (a + s + c) / 3."""
-    spatial_p = "The red cup was on the left of the blue bowl."
-    action_p = "The brown dog chased the white cat."
-    both_p = "The green car was parked next to the yellow house."
+    spatial_p, action_p, both_p = fake_spacy(
+        monkeypatch,
+        "[The red cup] was on [the left] of [the blue bowl].",
+        "[The brown dog] chased [the white cat].",
+        "[The green car] was parked next to [the yellow house].",
+    )
     (tmp_path / "complex_val_spatial.txt").write_text(spatial_p + "\n")
     (tmp_path / "complex_val_action.txt").write_text(action_p + "\n")
     prompts = [spatial_p, action_p, both_p]
@@ -750,11 +756,14 @@ def test_complex_routes_with_compbench_lists(tmp_path, monkeypatch):
         rewards.load_reward("complex", lists=str(tmp_path / "nowhere"))
 
 
-def test_complex_averages_attribute_with_spatial_or_action(blip_dir, owl_dir, clip_dir):
-    prompts = [
-        "The red car was on the left of the bench",
-        "a fluffy dog and a white cat",
+def test_complex_averages_attribute_with_spatial_or_action(
+    blip_dir, owl_dir, clip_dir, monkeypatch
+):
+    annotated = [
+        "[The red car] was on [the left] of [the bench]",
+        "[a fluffy dog] and [a white cat]",
     ]
+    prompts = list(fake_spacy(monkeypatch, *annotated))
     images = random_images(2)
     score = rewards.load_reward(
         "complex", blip_model=blip_dir, detector_model=owl_dir, clip_model=clip_dir
@@ -848,7 +857,7 @@ def test_blip_size_check_script_runs(blip_dir, tmp_path):
 
     samples = tmp_path / "samples"
     samples.mkdir()
-    prompts = ["a red car", "a green bench and a red car", "a round clock"]
+    prompts = ["a red circle", "a green square and a red circle", "a white triangle"]
     for index, prompt in enumerate(prompts):
         array = (random_images(1, 40, seed=index)[0] * 255).to(torch.uint8).permute(1, 2, 0).numpy()
         Image.fromarray(array).save(samples / f"{prompt}_{index}.png")
@@ -856,7 +865,7 @@ def test_blip_size_check_script_runs(blip_dir, tmp_path):
     (tmp_path / "vqa_result.json").write_text(json.dumps(answers))
     command = [sys.executable, "scripts/blip_size_check.py", "--samples", str(samples)]
     command += ["--compbench", str(tmp_path / "vqa_result.json"), "--blip_model", blip_dir]
-    command += ["--splitter", "rules", "--sizes", "32", "48", "--device", "cpu"]
+    command += ["--sizes", "32", "48", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(
         command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300

@@ -7,6 +7,8 @@ Real weights are never downloaded by the tests; point these variables at local f
     LOOP_AESTHETIC_HEAD   sac+logos+ava1-l14-linearMSE.pth (LAION aesthetic predictor v2 head)
     LOOP_OWLV2_MODEL      folder of google/owlv2-base-patch16-ensemble
 e.g. `huggingface-cli download Salesforce/blip-vqa-capfilt-large --local-dir weights/blip`.
+spaCy's en_core_web_sm (`pip install spacy && python -m spacy download en_core_web_sm`) runs the noun
+phrase checks; LOOP_SPACY_MODEL names another installed pipeline of the same model instead.
 The scenes are drawn here: a red disc on the left and a blue square on the right, on white.
 """
 
@@ -30,6 +32,45 @@ def local(variable: str) -> str:
     if not path:
         pytest.skip(f"set {variable} to a local copy of the real weights to run this check")
     return path
+
+
+def spacy_model() -> str:
+    """The name of the real spaCy pipeline (en_core_web_sm, or LOOP_SPACY_MODEL's), else skip."""
+    name = os.environ.get("LOOP_SPACY_MODEL", rewards.SPACY_MODEL)
+    try:
+        rewards.spacy_pipeline(name)
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    return name
+
+
+def test_real_spacy_asks_compbench_questions():
+    name = spacy_model()
+    sentence = "A small brown dog slept below a red wooden table."
+    assert rewards.blip_questions(sentence, name) == ["a small brown dog?", "a red wooden table?"]
+    assert rewards.parse_spatial_prompt(sentence, name) == ("dog", "below", "table")
+    balloon = rewards.blip_questions("a balloon on the top of a giraffe", name)
+    assert balloon == ["a balloon?", "the top?", "a giraffe?"]  # CompBench asks "the top?"
+    # spaCy's own misreading, which CompBench's scores carry too: "rose" is taken for a verb
+    assert rewards.blip_questions("a red rose and a white carnation", name) == [
+        "a white carnation?"
+    ]
+    plain = rewards.without_attributes("The fluffy cat is on the left of the soft pillow.", name)
+    assert plain == "The cat is on the left of the pillow ."
+    # spaCy tags "bookshelf" PRON here; a chunk with a determiner is still an object
+    book = rewards.parse_spatial_prompt("The red book was on top of the yellow bookshelf.", name)
+    assert book == ("book", "on top of", "bookshelf")
+
+
+def test_real_spacy_agrees_with_the_shapes_world_template():
+    """On every prompt of the world, the template's phrases are spaCy's chunks and their roots."""
+    import shapes_world as W
+
+    nlp = rewards.spacy_pipeline(spacy_model())
+    for prompt in (p for category in W.CATEGORIES for p in W.all_prompts(category)):
+        chunks = nlp(prompt).noun_chunks
+        kept = [(c.text, c.root.text) for c in chunks if c.text not in ("the left", "the right")]
+        assert [(p.text, p.head) for p in rewards.shapes_world_phrases(prompt)] == kept, prompt
 
 
 def scene(swap: bool = False, size: int = 384) -> torch.Tensor:
