@@ -926,10 +926,11 @@ def reward_options(reward: str, prompt_dir: str, given: str = "") -> dict:
     except json.JSONDecodeError as error:
         raise UsageError(f"--reward_options {given!r} is not JSON ({error})") from None
     valid = rewards.reward_options_of(reward)
-    if not isinstance(options, dict) or (unknown := sorted(set(options) - set(valid))):
+    unknown = sorted(set(options) - set(valid)) if isinstance(options, dict) else []
+    if not isinstance(options, dict) or unknown:
         raise UsageError(
             f"--reward_options {given}: need a JSON object of {reward}'s options "
-            f"({', '.join(valid)})" + (f", not {', '.join(unknown)}" if options else "")
+            f"({', '.join(valid)})" + (f", not {', '.join(unknown)}" if unknown else "")
         )
     if reward == "complex" and prompt_dir and any(Path(prompt_dir).glob("complex_*_spatial.txt")):
         options.setdefault("lists", prompt_dir)
