@@ -93,12 +93,14 @@ Known gaps with T2I-CompBench's original code, and how they are handled
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import itertools
 import json
 import os
 import re
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -1002,6 +1004,8 @@ def evaluation_options(
     reward: str, prompts: str, reward_model: str | None, reward_options: dict | None
 ) -> dict:
     """The reward's options for `evaluate`, with a clear error where --reward_model means nothing."""
+    if not isinstance(reward_options, dict | None):  # fire hands over what is not a dict literal
+        raise TypeError(f"--reward_options {reward_options!r}: need a JSON object of options")
     options = dict(reward_options or {})
     if reward_model:
         if "model" not in reward_options_of(reward):
@@ -1131,7 +1135,18 @@ def evaluate(
     return mean
 
 
+@functools.wraps(evaluate)
+def evaluate_command(*args, **flags) -> float:
+    """`python rewards.py evaluate ...`: bad options, missing files or weights are one line
+    (`error: ...`, exit code 2), not a traceback."""
+    try:
+        return evaluate(*args, **flags)
+    except (OSError, RuntimeError, TypeError, ValueError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"evaluate": evaluate})
+    fire.Fire({"evaluate": evaluate_command})

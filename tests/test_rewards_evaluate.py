@@ -203,3 +203,29 @@ def test_shapes_judges_wrap_shapes_world_score(category):
     torch.testing.assert_close(scores, W.score(images, prompts, category))
     assert scores.dtype == torch.float32 and scores.shape == (2,)
     assert scores[0] > 0.5 > scores[1]  # the matching prompt scores high, the mismatched one low
+
+
+EVALUATE_BAD_OPTIONS = {
+    "unknown reward option": (["--reward_options", '{"nonsense": 1}'], "has no option nonsense"),
+    "reward options not an object": (["--reward_options", "[95"], "need a JSON object"),
+    "missing prompt file": (["--prompts", "{tmp}/missing.txt"], "missing.txt"),
+}
+
+
+@pytest.mark.parametrize("case", list(EVALUATE_BAD_OPTIONS))
+def test_evaluate_command_bad_options_are_one_line(case, tiny_sd, prompt_file, tmp_path):
+    """The command's errors for bad options were clear but printed under a traceback."""
+    args, expected = EVALUATE_BAD_OPTIONS[case]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    base = {"--prompts": str(prompt_file), "--reward": "jpeg_compressibility"}
+    base |= {"--model": str(tiny_sd), "--device": "cpu"}
+    for flag, value in base.items():
+        if flag not in args:
+            args += [flag, value]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "rewards.py", "evaluate", *args], check=False,
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and expected in lines[-1], lines[-3:]
+    assert "Traceback" not in run.stderr
