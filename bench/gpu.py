@@ -1,23 +1,31 @@
-"""Stable Diffusion 2 base at full size, random weights, no download: what one GPU does per second.
+"""The one script a GPU session runs: Stable Diffusion 2 base at full size, random weights, no download.
 
 Builds the SD 2 base UNet, VAE and text encoder from their public configs (written out below, from
 stabilityai/stable-diffusion-2-base's */config.json), with random weights, saves them as a diffusers
-folder and loads that with loop.load_models (the real path: frozen bf16 weights, fp32 LoRA on the
-attention), then runs bench/cost.py's side-by-side measurement at 512 px, K = 4, with the GPU
-quickstart's settings (SD2_FLAGS, from loop.py's docstring; a test keeps them in step) and reports:
-images/s of sampling (loop.rollout) and of the update phase (loop.train_on_rollout), peak GPU memory
-(torch.cuda.max_memory_allocated), the update phase as a multiple of the bare UNet forward+backward
-over the same (sample, step) pairs, and loop's sampler against diffusers' pipeline.
+folder, and measures, at 512 px, K = 4, with the GPU quickstart's settings (SD2_FLAGS, from loop.py's
+docstring; a test keeps them in step):
+1. a short real run: loop.main for --epochs epochs (jpeg_compressibility reward, held-out score of
+   --images / K prompts before and after): seconds per epoch (the last, without its held-out score;
+   also scaled to the quickstart's 256 images) and peak GPU memory (torch.cuda.max_memory_allocated);
+2. the first importance ratio: a fresh micro-batch re-scored with grad (loop.check_first_ratio),
+   max |log rho_t| against loop.RATIO_TOLERANCE (on a CPU exactly 0; a GPU may differ);
+3. bench/cost.py's side-by-side floors: images/s of sampling (loop.rollout) against diffusers'
+   StableDiffusionPipeline over the same modules and noise (target <= 1.05x), and of the update
+   phase (loop.train_on_rollout) against the bare UNet forward+backward over the same (sample, step)
+   pairs (target <= 1.15x); peak GPU memory of this part too.
 Random weights change no cost: the work per step does not depend on the values.
 
-    python bench/gpu.py                 # one GPU: 32 images (8 prompts x K = 4), 50 steps, bf16
+    python bench/gpu.py                 # one GPU: 16 images (4 prompts x K = 4), 50 steps, ~5 min (est.)
+    python bench/gpu.py --micro_batch 4 # what a 24 GB card should try if 8 does not fit
     python bench/gpu.py --tiny          # CPU, the same architecture scaled down, seconds (tests)
-Writes gpu.json and gpu.md to --results. The tokenizer is a character-level CLIP tokenizer (the
-real one needs a download); prompts are short, so sequence length (77) and cost are the same.
+Writes gpu.json and gpu.md to --results (default runs/bench/results, untracked). The tokenizer is a
+character-level CLIP tokenizer (the real one needs a download); prompts are padded to 77 tokens, so
+sequence length and cost are the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import string
@@ -158,49 +166,68 @@ def build_random_pipeline(folder: Path, tiny: bool, device: torch.device) -> Pat
     return folder
 
 
+def short_run(folder: Path, cfg: loop.Config, epochs: int, work: Path) -> dict:
+    """loop.main on the random pipeline: seconds of its last epoch, the run's peak GPU memory."""
+    prompts = work / "prompts.txt"
+    prompts.write_text("".join(p + "\n" for p in PROMPTS))
+    run_cfg = dataclasses.replace(cfg, model=str(folder), reward="jpeg_compressibility",
+        train_prompts=str(prompts), epochs=epochs, eval_every=epochs, out=str(work / "run"),
+        num_eval_prompts=cfg.images_per_epoch // cfg.k, eval_images_per_prompt=1)  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    run = loop.main(run_cfg)
+    last = loop.read_metrics(run)[-1]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {"seconds_per_epoch": last["seconds"], "run_peak_gpu_memory_gb": peak}
+
+
 def main(
     tiny: bool = False,
-    images: int = 32,
+    images: int = 16,
     k: int = 4,
-    repeats: int = 2,
+    epochs: int = 2,
+    micro_batch: int = 8,
+    repeats: int = 1,
+    precision: str = "auto",
     device: str = "auto",
-    results: str = "bench/results",
+    results: str = "runs/bench/results",
 ) -> dict:
-    """Build, load, measure; writes gpu.json and gpu.md and returns the report."""
-    if images < k or images % k or k < 2:
-        raise BenchError(f"--images {images} must be a multiple of --k {k} >= 2")
-    flags = SD2_FLAGS | TINY_FLAGS if tiny else SD2_FLAGS
-    precision = "no" if tiny else "bf16"
+    """Build, run, check, measure; writes gpu.json and gpu.md and returns the report."""
+    if images < k or images % k or k < 2 or epochs < 1 or repeats < 1:
+        raise BenchError(f"--images {images}: a multiple of --k {k} >= 2; --epochs, --repeats >= 1")
+    flags = SD2_FLAGS | {"micro_batch": micro_batch} | (TINY_FLAGS if tiny else {})
     cfg = loop.Config(algo="loop", k=k, images_per_epoch=images, mixed_precision=precision,
                       device="cpu" if tiny else device, **flags)  # fmt: skip
-    loop.check_config(cfg, 1)
+    sizes = loop.check_config(cfg, 1)
     torch.set_flush_denormal(True)
     dev = loop.setup_distributed(cfg)[2]
     if not tiny and dev.type != "cuda":
         raise BenchError("no GPU here: run with --tiny on a CPU, or on a machine with CUDA")
+    dtype = loop.weight_dtype_for(precision, dev)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(images // k) for _ in range(k)]
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         folder = build_random_pipeline(Path(tmp) / "sd2-random", tiny, dev)
-        models = loop.load_models(
-            str(folder),
-            dev,
-            loop.weight_dtype_for(precision, dev),
-            cfg.lora_rank,
-            0,
-            cfg.lora_modules,
-        )
+        report = short_run(folder, cfg, epochs, Path(tmp))
+        models = loop.load_models(str(folder), dev, dtype, cfg.lora_rank, 0, cfg.lora_modules)
+    policy = loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
+    steps = loop.trained_steps(policy.schedule, cfg.min_train_sigma)
+    micro = sizes["micro_batch"]
+    log_ratio = loop.check_first_ratio(models, policy, prompts[:micro], steps, show=True)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(images // k) for _ in range(k)]
     measured = side_by_side(models, cfg, prompts, repeats)
     s, u = measured["sampling"], measured["update"]
-    report = {
+    report |= {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "tiny": tiny, "resolution": models.resolution, "dtype": str(models.unet.dtype),
         "lora_parameters": sum(p.numel() for p in loop.lora_parameters(models.unet)),
-        "images": images, "k": k, "flags": flags,
+        "images": images, "k": k, "epochs": epochs, "flags": flags,
+        "seconds_per_256_images": report["seconds_per_epoch"] * 256 / images,
+        "max_abs_log_ratio": log_ratio, "ratio_tolerance": loop.RATIO_TOLERANCE,
         "sampling_images_per_s": images / s["ours_s"],
         "update_images_per_s": images / u["ours_s"],
         "update_over_bare_fwd_bwd": u["ratio"], "sampling_over_diffusers": s["ratio"],
+        "update_target": u["target"], "sampling_target": s["target"],
         "max_abs_image_diff": measured["max_abs_image_diff"],
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
     }  # fmt: skip
@@ -211,20 +238,34 @@ def main(
 def write_results(report: dict, results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "gpu.json").write_text(json.dumps(report, indent=2))
-    peak = report["peak_gpu_memory_gb"]
+
+    def gb(value):
+        return "n/a (CPU)" if value is None else f"{value:.1f} GB"
+
+    def against(ratio, target):
+        return f"{ratio:.3f}x (target <= {target}x: {'met' if ratio <= target else 'MISSED'})"
+
+    ratio_ok = report["max_abs_log_ratio"] <= report["ratio_tolerance"]
     rows = [
-        ["sampling (loop.rollout)", f"{report['sampling_images_per_s']:.2f}"],
-        ["update (loop.train_on_rollout)", f"{report['update_images_per_s']:.2f}"],
-        ["update / bare UNet fwd+bwd", f"{report['update_over_bare_fwd_bwd']:.3f}x"],
-        ["loop sampler / StableDiffusionPipeline", f"{report['sampling_over_diffusers']:.3f}x"],
-        ["peak GPU memory", "n/a (CPU)" if peak is None else f"{peak:.1f} GB"],
-    ]
+        ["seconds per epoch (last of the short run)", f"{report['seconds_per_epoch']:.1f}"],
+        ["... scaled to 256 images an epoch", f"{report['seconds_per_256_images']:.0f}"],
+        ["peak GPU memory, short run", gb(report["run_peak_gpu_memory_gb"])],
+        ["peak GPU memory, side by side", gb(report["peak_gpu_memory_gb"])],
+        ["first ratio: max |log rho_t|", (f"{report['max_abs_log_ratio']:.2e} "
+         f"({'ok' if ratio_ok else 'ABOVE'} {report['ratio_tolerance']})")],
+        ["sampling (loop.rollout), images / s", f"{report['sampling_images_per_s']:.2f}"],
+        ["update (loop.train_on_rollout), images / s", f"{report['update_images_per_s']:.2f}"],
+        ["loop sampler / StableDiffusionPipeline",
+         against(report["sampling_over_diffusers"], report["sampling_target"])],
+        ["update / bare UNet fwd+bwd",
+         against(report["update_over_bare_fwd_bwd"], report["update_target"])],
+    ]  # fmt: skip
     head = (
         f"{'tiny SD 2 architecture' if report['tiny'] else 'SD 2 base (random weights)'}, "
         f"{report['resolution']} px, {report['dtype']}, LoRA {report['lora_parameters']} weights, "
         f"{report['images']} images, K = {report['k']}, {report['flags']}, on {report['device']}"
     )
-    text = head + "\n\n" + markdown_table(["", "images / s or ratio"], rows)
+    text = head + "\n\n" + markdown_table(["", "measured"], rows)
     (results / "gpu.md").write_text(text)
     print(text)
 

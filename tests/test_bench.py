@@ -197,12 +197,20 @@ def test_fork_map_reports_a_failing_child():
     assert common.fork_call(lambda x: x + 1, 1)["value"] == 2
 
 
-def test_gpu_tiny_reports_throughput(tmp_path):
+def test_gpu_tiny_runs_what_a_gpu_session_measures(tmp_path):
+    """The GPU session's script at the tiny SD 2 architecture on the CPU: a short real run
+    (seconds per epoch), the first-ratio check (exactly 0 here), both floors, the report."""
     report = gpu.main(tiny=True, images=4, repeats=1, results=str(tmp_path))
+    assert report["seconds_per_epoch"] > 0
+    assert report["seconds_per_256_images"] == pytest.approx(report["seconds_per_epoch"] * 64)
+    assert report["max_abs_log_ratio"] == 0.0
     assert report["sampling_images_per_s"] > 0 and report["update_images_per_s"] > 0
     assert 0.3 < report["update_over_bare_fwd_bwd"] < 10
     assert report["max_abs_image_diff"] < 1e-4
+    assert report["run_peak_gpu_memory_gb"] is None  # a CPU has none
     assert json.loads((tmp_path / "gpu.json").read_text())["k"] == 4
+    text = (tmp_path / "gpu.md").read_text()
+    assert "max |log rho_t|" in text and "seconds per epoch" in text and "target <=" in text
 
 
 def test_gpu_configs_are_stable_diffusion_2_base():
