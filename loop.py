@@ -51,8 +51,9 @@ Deviations from the paper (each with its reason):
     advantages (PPO, as DDPO) are clipped to [-5, 5], raw ones (REINFORCE, RLOO, LOOP, as the
     paper) to their mean +- 5 std. In reward units the same clip tied 77-99% of the advantages
     of JPEG-size rewards (tens of kB: a sign estimator, LOOP's no longer summing to zero per
-    prompt) and every REINFORCE image of an aesthetic score above 5; rewards in [0, 1] never
-    reached it. `adv_clipfrac` logs the fraction clipped.
+    prompt) and every REINFORCE image of an aesthetic score above 5. Shapes-world rewards (in
+    [0, 1]) stay inside it: the default run's largest |A - mean| was 2.7 std over 48 epochs.
+    `adv_clipfrac` logs the fraction clipped.
 
 Notation (paper symbol -> code name):
     B prompts per rank and epoch    reward (B, K)   K samples per prompt         k
@@ -705,13 +706,9 @@ def check_first_ratio(models: Models, policy: Policy, prompts, steps: list[int],
     worst = max(r.abs().max().item() for r in log_ratios)
     if show:
         print(f"first importance ratio: max |log rho_t| = {worst:.2e} ({len(prompts)} samples)")
-    if worst > RATIO_TOLERANCE:
-        print(
-            f"warning: re-scoring a fresh rollout gives max |log rho_t| = {worst:.2e} > "
-            f"{RATIO_TOLERANCE} (sampling and training run other kernels): every update's "
-            "first ratio is that far from 1",
-            file=sys.stderr,
-        )
+    if worst > RATIO_TOLERANCE:  # sampling and re-scoring ran different kernels
+        far = f"max |log rho_t| = {worst:.2e} > {RATIO_TOLERANCE}; so is every update's first"
+        print(f"warning: re-scoring a fresh rollout gives {far}", file=sys.stderr)
     return worst
 
 

@@ -463,7 +463,7 @@ def test_first_ratio_check_at_start_up(tiny_model, capsys, monkeypatch):
 
     monkeypatch.setattr(loop, "guided_noise_prediction", other_kernels)
     assert loop.check_first_ratio(models, policy, PROMPTS[:4], steps) > 1e-6
-    assert "warning: re-scoring a fresh rollout" in capsys.readouterr().err
+    assert "warning: re-scoring a fresh rollout gives max |log rho_t|" in capsys.readouterr().err
 
 
 def test_rollout_keeps_its_images_off_the_training_device(tiny_model):
