@@ -435,17 +435,11 @@ def load_blip_vqa(
     return reward
 
 
-def answer_logits(
-    net,
-    tokenizer,
-    image_embeds: torch.Tensor,
-    questions: list[tuple[int, str]],
-    enc_id: int | None,
-    batch_size: int,
-) -> torch.Tensor:
+def answer_logits(net, tokenizer, image_embeds, questions, enc_id, batch_size) -> torch.Tensor:
     """(Q, V) first-answer-token logits of Q (image index, question) pairs, on the CPU.
 
-    Questions of equal token length are batched together and never padded (gap 4).
+    image_embeds (N, P, D); questions [(index into image_embeds, question)]; enc_id as from
+    `question_token_id`. Questions of equal token length are batched together, never padded (gap 4).
     """
     # BLIP truncates its questions to 35 tokens
     token_ids = tokenizer([q for _, q in questions], truncation=True, max_length=35)["input_ids"]
@@ -479,17 +473,13 @@ def first_answer_logits(
         input_ids = input_ids.clone()
         input_ids[:, 0] = enc_id  # [CLS] -> [ENC], as the original BLIP VQA (gap 1)
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    question = net.text_encoder(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        encoder_hidden_states=image_embeds,
-        encoder_attention_mask=image_mask,
-    ).last_hidden_state  # (M, L, D)
+    unmasked = {"attention_mask": torch.ones_like(input_ids), "encoder_attention_mask": image_mask}
+    encoded = net.text_encoder(input_ids=input_ids, encoder_hidden_states=image_embeds, **unmasked)
+    question = encoded.last_hidden_state  # (M, L, D)
     bos = torch.full((len(input_ids), 1), net.decoder_start_token_id, device=input_ids.device)
+    mask = torch.ones_like(input_ids)  # the decoder attends to every question token
     answer = net.text_decoder(
-        input_ids=bos,
-        encoder_hidden_states=question,
-        encoder_attention_mask=torch.ones_like(input_ids),
+        input_ids=bos, encoder_hidden_states=question, encoder_attention_mask=mask
     )
     return answer.logits[:, -1, :]  # (M, 1, V) -> (M, V)
 
@@ -728,15 +718,6 @@ def load_clip_cosine(
     return cosine
 
 
-def load_non_spatial(
-    device: str | torch.device = "cpu",
-    model: str = CLIP_B32_MODEL,
-    dtype: str | torch.dtype | None = None,
-) -> RewardFn:
-    """T2I-CompBench's non-spatial score: the raw CLIP ViT-B/32 cosine similarity."""
-    return load_clip_cosine(device, model, dtype)
-
-
 def load_clipscore(
     device: str | torch.device = "cpu",
     model: str = CLIP_B32_MODEL,
@@ -934,7 +915,7 @@ LOADERS = {
     "shape": load_blip_vqa,
     "texture": load_blip_vqa,
     "spatial": load_spatial,
-    "non_spatial": load_non_spatial,
+    "non_spatial": load_clip_cosine,  # T2I-CompBench's non-spatial score: the raw cosine
     "complex": load_complex,
     "aesthetic": load_aesthetic,
     "jpeg_compressibility": load_jpeg(-1.0),
