@@ -55,15 +55,12 @@ Known gaps with T2I-CompBench's original code, and how they are handled
    original's masked computation, whatever the library version. Questions are truncated to 35 tokens,
    as in the original.
 5. Noun phrases. CompBench asks one question per spaCy en_core_web_sm noun chunk, at most 8, less
-   the exact chunks "top", "the side", "the left", "the right" (so it does ask "the top?" of "on the
-   top of"), with BLIP's question normalisation (`blip_question`). We do the same (`noun_phrases`):
-   spaCy and its model are then needed by the BLIP, spatial and complex rewards, and their absence
-   is a one-line error saying how to install them (`SPACY_INSTALL`); they are not in
-   requirements.txt because the model is not on PyPI. One exception needs no spaCy: a prompt of the
-   shapes world's template ("a striped red circle above a blue square") is split by that template
-   (`shapes_world_phrases`), which gives spaCy's chunks on all 1,764 of the world's prompts (a test
-   checks it where the model is installed). A prompt without any noun phrase is asked as a whole
-   (CompBench scores it 1).
+   the exact chunks "top", "the side", "the left", "the right" (it does ask "the top?"), normalised
+   as BLIP reads it (`blip_question`). We do the same (`noun_phrases`), so the BLIP, spatial and
+   complex rewards need spaCy and its model (not in requirements.txt: the model is not on PyPI; a
+   one-line error says how to install them, `SPACY_INSTALL`). Shapes-world prompts need neither:
+   their template gives spaCy's chunks on all 1,764 of them (`shapes_world_phrases`; tested where
+   the model is installed). A prompt without any noun phrase is asked as a whole (CompBench: 1).
 6. Image preprocessing runs in torch on the reward's device (resize with antialiasing, centre crop,
    normalise with the processor's mean/std), not in PIL on the CPU; the tests bound the difference.
 7. spatial: UniDet (detectron2, 479 px input, detections above confidence 0.5) is replaced by OWLv2
