@@ -22,7 +22,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 MODULES = ("loop.py", "rewards.py", "shapes_world.py")
-TIME_LIMIT_S = 180  # per notebook; each takes 2-10 s on one CPU thread
+TIME_LIMIT_S = 180  # per notebook; 01-03 take 5-20 s on one CPU thread
+# 04 trains the tiny model for 24 epochs with loop.main: about 3 minutes on one thread
+TIME_LIMITS_S = {"04_loop_end_to_end.ipynb": 600}
 
 
 def code_cells(path: Path) -> list[str]:
@@ -63,7 +65,8 @@ def time_limit(seconds: float, what: str):
 
 def test_notebooks_found():
     names = [path.name for path in NOTEBOOKS]
-    for expected in ("01_ddim_policy.ipynb", "02_estimators.ipynb", "03_shapes_world.ipynb"):
+    expected_names = ("01_ddim_policy", "02_estimators", "03_shapes_world", "04_loop_end_to_end")
+    for expected in (f"{name}.ipynb" for name in expected_names):
         assert expected in names, f"notebooks/{expected} is missing (found {names})"
 
 
@@ -71,8 +74,12 @@ def test_notebooks_found():
 def test_notebook_runs(path, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.syspath_prepend(str(REPO))  # also undoes the notebook's own sys.path edit
+    if any("import matplotlib" in source for source in code_cells(path)):
+        pytest.importorskip(
+            "matplotlib", reason=f"{path.name} plots with matplotlib (not in requirements.txt)"
+        )
     namespace = {"__name__": "__main__"}
-    with time_limit(TIME_LIMIT_S, path.name):
+    with time_limit(TIME_LIMITS_S.get(path.name, TIME_LIMIT_S), path.name):
         for n, source in enumerate(code_cells(path)):
             filename = f"{path.name}, code cell {n}"
             # register the source so that a traceback shows the failing line of the cell
