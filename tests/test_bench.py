@@ -24,15 +24,15 @@ def test_compare_runs_the_real_command_and_a_row_reproduces(tmp_path):
     """Two tiny runs through the worktree; a rerun skips them; a row's command gives its numbers."""
     runs = compare.plan_tune(lrs=(2e-3,), seeds=(100,), configs=("loop-k4", "ppo-k1"))
     results = tmp_path / "results"
-    compare.run_all(runs, 2, 1, results, tmp_path / "runs", tiny=True, commit="HEAD")
-    rows = compare.read_csv(results / "compare_runs.csv")
-    assert sorted(r["config"] for r in rows) == ["loop-k4", "ppo-k1"]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                             text=True, check=True).stdout.strip()  # fmt: skip
+    compare.run_all(runs, 2, 1, results, tmp_path / "runs", tiny=True, commit=commit)
+    rows = compare.read_csv(results / "compare_runs.csv")
+    assert sorted(r["config"] for r in rows) == ["loop-k4", "ppo-k1"]
     assert all(r["commit"] == commit and r["threads"] == "1" for r in rows)
     curves = compare.read_csv(results / "compare_curves.csv")
     assert [int(c["epoch"]) for c in curves if c["config"] == "loop-k4"] == [0, 1, 2]
-    assert compare.run_all(runs, 2, 1, results, tmp_path / "runs", True, "HEAD") == []  # skipped
+    assert compare.run_all(runs, 2, 1, results, tmp_path / "runs", True, commit) == []  # skipped
     # the recorded command, run again in the worktree, gives the row's numbers
     row = next(r for r in rows if r["config"] == "loop-k4")
     env_var, *argv = row["command"].split()
