@@ -183,7 +183,7 @@ def test_a_drifted_block_is_caught(drift):
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
-    command = "pip install -r requirements.txt pytest && python -m pytest -q -rs tests"
+    command = "pip install -r requirements.txt -r bench/requirements.txt pytest && python -m pytest -q -rs tests"
     assert f"```bash\n{command}\n```" in README.read_text()
     assert command in (REPO / ".ci" / "run").read_text().splitlines()
 
