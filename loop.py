@@ -1,4 +1,4 @@
-"""LOOP: leave-one-out PPO for RL fine-tuning of text-to-image diffusion models, in one file.
+"""LOOP, leave-one-out PPO for RL fine-tuning of text-to-image diffusion: the method in one file.
 
 Paper: S. Gupta et al., "A Simple and Effective Reinforcement Learning Method for Text-to-Image
 Diffusion Fine-tuning" (LOOP), arXiv:2503.00897. Four estimators side by side, named as on the
@@ -14,48 +14,33 @@ Quickstart:
                                                               # one GPU; torchrun for several
 
 Deviations from the paper (each with its reason):
- 1. log pi is the MEAN over latent dimensions of the per-dimension Gaussian log-density (as DDPO's
-    code), not the sum. The ratio is then exp(mean delta), so DDPO's/LOOP's clip range eps = 1e-4
-    keeps its meaning, and eps and the learning rate transfer between an 8x8 and a 64x64 latent.
-    A sum would make the same eps absurdly tight (PITFALLS #4).
- 2. Steps whose DDIM std sigma_t < MIN_SIGMA are not trained on (their log-prob is stored as 0).
-    With set_alpha_to_one=True the last step has sigma_t = 0 and no density; a tiny sigma_t makes
-    its log-density dominate the gradient (PITFALLS #1). The paper trains on all T steps.
+ 1. log pi is the MEAN over the n = C*h*w latent dimensions (as DDPO's code), not the sum, which
+    would make eps = 1e-4 n times tighter. The same update's |log rho| still shrinks roughly as
+    1/sqrt(n) (notebook 01): eps and the learning rate must be re-tuned for another latent size.
+ 2. Steps with sigma_t < MIN_SIGMA are not trained on (log-prob stored as 0): with set_alpha_to_one
+    the last step has sigma_t = 0 and no density, and a tiny sigma_t's log-density would dominate
+    the gradient. The paper trains on all T steps.
  3. The random subset of steps (`--timestep_fraction`) is drawn per micro-batch, not per sample as
-    in DDPO, so re-scoring uses exactly the batches of sampling and the first ratio is exactly 1.
- 4. PPO's per-prompt reward statistics (DDPO) use each prompt's K samples of the current rollout
-    instead of a buffer kept across epochs: stateless, so resume is exact. With K = 1 PPO uses
-    batch statistics, as DDPO does for a prompt without enough history.
+    in DDPO: re-scoring uses exactly sampling's batches, so the first ratio is exactly 1.
+ 4. PPO's per-prompt reward statistics use each prompt's K samples of this rollout, not DDPO's
+    buffer across epochs: stateless, so resume is exact. K = 1: batch statistics, as DDPO.
  5. LoRA on the UNet's attention projections (as DDPO); no full fine-tuning.
- 6. Several GPUs: LoRA gradients are averaged by one explicit all_reduce per optimizer step
-    instead of DDP's hooks: the UNet runs once per step and micro-batch before each optimizer step,
-    which DDP would need no_sync bookkeeping for. A two-process test proves the ranks stay equal.
+ 6. Several GPUs: one explicit all_reduce of the LoRA gradients per optimizer step, not DDP's hooks,
+    which would need no_sync bookkeeping for the UNet's several passes per step.
  7. Prompts are drawn with replacement each epoch (the paper does not say).
- 8. Default hyper-parameters fit the embedded 64x64 model on 2 CPU cores, not the paper's SD 2
-    settings (the GPU quickstart shows those); all live in `Config`. T = 6 steps at w = 5: the model
-    stays calibrated; 64 images a rollout in 2 updates of 32: 10 of 10 seeds learned (README).
- 9. Optional KL penalty to the base model (`--kl_coef`, default 0 as in the paper), and a stop on
-    a non-finite reward or gradient: one NaN update would destroy the LoRA weights silently.
-10. Steps with sigma_t < `--min_train_sigma` are sampled but not trained on (default 0.5: the tiny
-    model trains its first 3 of 6 steps; 0 trains on all, as the paper). The score grad log pi of
-    a step scales as |c_t| / sigma_t (c_t: eps_hat's coefficient in the DDIM mean): at the second-
-    to-last step (sigma_t = 0.04) its norm was 10x the others' (measured at 10 steps), so its noise
-    swamps the sum, while late steps only refine detail; which object gets which color is decided
-    in the first, noisiest steps. Training half the steps halves the update cost.
-11. The held-out scores and the saved LoRA are an exponential moving average of the LoRA weights
-    over epochs (`--ema_decay`, default 0.9: about the last 10 epochs; 0 = the last weights, as
-    the paper; training always continues from the raw weights). With 32-image rollouts the
-    policy gradient is mostly noise (cosine ~0 between rollouts, measured at 10 steps), so
-    the raw weights wander around their trend; the average removes part of that wander.
-12. The advantage clip (`--adv_clip`, DDPO's 5) is in units of the batch's std: normalised
-    advantages (PPO, as DDPO) are clipped to [-5, 5], raw ones (REINFORCE, RLOO, LOOP, as the
-    paper) to their mean +- 5 std. In reward units the same clip tied 77-99% of the advantages
-    of JPEG-size rewards (tens of kB: a sign estimator, LOOP's no longer summing to zero per
-    prompt) and every REINFORCE image of an aesthetic score above 5. Shapes world (rewards in
-    [0, 1], seed 0, 48 epochs): LOOP's and RLOO's advantages stay inside it (at most 2.7 and 2.9
-    std); REINFORCE's raw rewards reach it once most images succeed (the rare failures lie 5-8
-    std below the mean in 25 epochs), clipping the images PPO K = 1's batch-normalised
-    advantages clip. `adv_clipfrac` logs the fraction clipped.
+ 8. Defaults fit the embedded 64x64 model on 2 CPU cores (the GPU quickstart shows SD 2's): T = 6
+    steps at w = 5, 64 images a rollout in 2 updates of 32; 10 of 10 seeds learned (docs/record.md).
+ 9. Optional KL penalty to the base model (`--kl_coef`, 0 as the paper); a non-finite reward or
+    gradient stops the run: one NaN update would destroy the LoRA weights silently.
+10. Steps with sigma_t < `--min_train_sigma` (0.5: the first 3 of 6; 0 = all, as the paper) are
+    sampled, not trained on: grad log pi scales as |c_t| / sigma_t (10x the others' norm at the
+    second-to-last of 10 steps), noise that swamps the sum, while late steps only refine detail.
+11. Held-out scores and the saved LoRA use a per-epoch EMA of the LoRA weights (`--ema_decay` 0.9;
+    0 = the last weights, as the paper): each update's gradient is mostly noise (cosine ~0 between
+    rollouts), and the average removes part of the raw weights' wander around their trend.
+12. `--adv_clip` (DDPO's 5) is in units of the batch's std: normalised A (PPO) to [-5, 5], raw A
+    (as the paper: REINFORCE, RLOO, LOOP) to mean +- 5 std; in reward units it tied 77-99% of
+    JPEG-size advantages. Shapes world: it clips only REINFORCE's and PPO K = 1's rare failures.
 
 Notation (paper symbol -> code name):
     B prompts per rank and epoch    reward (B, K)   K samples per prompt         k
@@ -68,28 +53,21 @@ Notation (paper symbol -> code name):
     eps, PPO clip range             clip_range      w, guidance scale            guidance_scale
 Shapes: N = B*K images on a rank, (C, h, w) a latent, (3, H, W) an image, (L, D) a text embedding.
 
-Run folder (--out): config.json, metrics.jsonl (one row per epoch, row 0 the untrained held-out
-score; README "The run folder and its metrics" defines every field), samples/ (grids + captions),
-lora/ (diffusers format, the EMA weights) and checkpoint/ (all --resume needs, written atomically).
+Run folder (--out): config.json, metrics.jsonl (a row per epoch, row 0 the untrained held-out score;
+README "The run folder and its metrics" defines every field), samples/ (grids + captions), lora/
+(diffusers format, the EMA weights), checkpoint/ (all --resume needs); loop_utils.py writes them.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
-import inspect
-import itertools
 import json
 import math
-import os
-import pickle
 import random
-import re
 import sys
 import time
 import typing
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,27 +76,35 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import rewards
+import loop_utils
+from loop_utils import (  # the plumbing: input checks, run folder, distributed set-up
+    UsageError,
+    append_metrics,
+    check_finite,
+    config_docs,
+    held_out_path,
+    load_checkpoint,
+    load_rewards,
+    mean_and_std_over_ranks,
+    print_summary,
+    read_metrics,  # noqa: F401 (loop.read_metrics: for the notebooks and scripts)
+    resolve_reward_and_prompts,
+    reward_options,
+    run_folder,
+    save_checkpoint,
+    save_grid,
+    save_lora,
+    setup_distributed,
+    truncate_metrics,
+    weight_dtype_for,
+    write_config,
+)
 
-HERE = Path(__file__).resolve().parent
 ALGOS = ("reinforce", "rloo", "ppo", "loop")
-NORMALIZATIONS = ("auto", "off", "batch", "group-std")
-PRECISIONS = ("auto", "no", "bf16", "fp16")  # --mixed_precision: dtype of the frozen weights
-SHAPES_MARKER = "shapes_world.json"  # a model folder with this file draws the shapes world
-CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")  # T2I-CompBench
 MIN_SIGMA = 1e-4  # steps with sigma_t below this are (almost) deterministic: Deviation 2
 EVAL_SEED = 1234  # held-out noise: the same for every epoch, run and algorithm
 STAT_KEYS = ("approx_kl", "clipfrac", "ratio_mean", "grad_norm", "kl")
 RATIO_TOLERANCE = 1e-6  # a fresh rollout's max |log rho_t| above this is warned about
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line naming the problem and the fix; exit code 2."""
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (library messages often span several)."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 # === Config: every knob in one place (the defaults fit the tiny CPU model; tune them here)
@@ -262,18 +248,8 @@ def gaussian_log_prob(x_prev, mean, sigma_t) -> torch.Tensor:
     return log_density.mean(dim=tuple(range(1, x_prev.ndim)))
 
 
-def ddim_step(
-    model_output,
-    x_t,
-    alpha_bar_t,
-    alpha_bar_prev,
-    sigma_t,
-    prediction_type: str,
-    *,
-    x_prev=None,
-    noise=None,
-    clip=None,
-):
+def ddim_step(model_output, x_t, alpha_bar_t, alpha_bar_prev, sigma_t, prediction_type: str, *,
+              x_prev=None, noise=None, clip=None):  # fmt: skip
     """Sample x_{t-1} (x_prev=None; equals DDIMScheduler.step with variance_noise=noise) or
     score the given x_prev. Returns x_prev (N, C, h, w), log_prob (N,) or None when
     sigma_t < MIN_SIGMA, and the mean (N, C, h, w)."""
@@ -333,7 +309,7 @@ def guided_noise_prediction(unet, x_t, t, cond, uncond, guidance_scale: float) -
 
 
 def policy_step(policy: Policy, x_t, j: int, cond, *, x_prev=None, noise=None):
-    """pi_theta at DDIM step j: the one code path of sampling and re-scoring (PITFALLS #2)."""
+    """pi_theta at DDIM step j: the one code path of sampling and re-scoring (ratio 1)."""
     s, w = policy.schedule, policy.guidance_scale
     model_output = guided_noise_prediction(policy.unet, x_t, s.timesteps[j], cond, policy.uncond, w)
     step = (s.alpha_bar_t[j], s.alpha_bar_prev[j], s.sigma_t[j], policy.prediction_type)
@@ -370,20 +346,6 @@ def decode_images(vae, x_0) -> torch.Tensor:
 def score_images(reward_fn, images, prompts: list[str]) -> torch.Tensor:
     """r(x_0, c): (N,) fp32 on CPU."""
     return torch.as_tensor(reward_fn(images, prompts)).float().flatten().cpu()
-
-
-def check_finite(reward, prompts: list[str], device) -> None:
-    """Stop every rank together when a reward is non-finite on any, naming its prompts: one
-    all_reduce, else the other ranks would wait in their next collective until a timeout."""
-    bad = sorted({p for p, r in zip(prompts, reward.tolist()) if not math.isfinite(r)})
-    flag = torch.tensor(float(bool(bad)), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
-        raise UsageError(
-            f"the reward is non-finite {f'for prompts {bad}' if bad else 'on another rank'}; fix "
-            "the reward or drop these prompts (training stopped, the last checkpoint is intact)"
-        )
 
 
 def rollout(
@@ -616,7 +578,7 @@ def swapped_in(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
 
 
 def sync_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Average LoRA gradients over ranks (PITFALLS #5): every rank then takes the same step."""
+    """Average LoRA gradients over ranks (Deviation 6): every rank takes the same step."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         for p in params:
             dist.all_reduce(p.grad)
@@ -636,17 +598,8 @@ def rescore(policy: Policy, batch: Rollout, rows: slice, j: int):
     return log_prob, mean
 
 
-def train_on_rollout(
-    policy: Policy,
-    batch: Rollout,
-    advantage,
-    cfg: Config,
-    optimizer,
-    rng,
-    sizes: dict,
-    show=False,
-    scaler: torch.amp.GradScaler | None = None,
-) -> dict:
+def train_on_rollout(policy: Policy, batch: Rollout, advantage, cfg: Config, optimizer, rng,
+                     sizes: dict, show=False, scaler=None) -> dict:  # fmt: skip
     """inner_epochs passes of minibatch updates over one rollout; returns mean statistics.
     scaler: fp16's loss scaler (without one, fp16 gradients of log pi underflow to exactly 0)."""
     params, stats = lora_parameters(policy.unet), {key: [] for key in STAT_KEYS}
@@ -740,271 +693,15 @@ def evaluate(models: Models, policy: Policy, prompts, reward_fn, micro_batch: in
     return reward[order], images[order]
 
 
-# === The run folder: config.json, metrics.jsonl, samples/, lora/, checkpoint/ (atomic writes)
-def atomic_write(path: Path, write) -> None:
-    """Write a temporary file, then rename it: a kill mid-write never leaves a broken file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def held_out_path(run: Path, epoch: int) -> Path:
-    return run / "samples" / f"eval_epoch_{epoch:04d}.png"
-
-
-def save_grid(path: Path, images, prompts: list[str], reward) -> None:
-    """PNG grid of (N, 3, H, W) images in [0, 1], 8 a row, and a .txt of 'prompt | r=reward'."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    grid = torch.zeros(3, math.ceil(n / 8) * h, min(n, 8) * w)  # (3, rows*H, cols*W)
-    for i, image in enumerate(images):
-        row, col = divmod(i, 8)
-        grid[:, row * h : (row + 1) * h, col * w : (col + 1) * w] = image
-    pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H', W', 3)
-    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
-    text = "".join(f"{p} | r={r:.3f}\n" for p, r in zip(prompts, reward.tolist()))
-    atomic_write(path.with_suffix(".txt"), lambda tmp: tmp.write_text(text))
-
-
-def before_after_grid(run: Path, first: int, last: int, height: int) -> Path:
-    """First row of the first and last held-out grids: top = before, bottom = after training."""
-    from PIL import Image
-
-    before, after = (Image.open(held_out_path(run, epoch)) for epoch in (first, last))
-    out = Image.new("RGB", (before.width, 2 * height))
-    out.paste(before.crop((0, 0, before.width, height)), (0, 0))
-    out.paste(after.crop((0, 0, after.width, height)), (0, height))
-    path = run / "samples" / "before_after.png"
-    atomic_write(path, lambda tmp: out.save(tmp, format="PNG"))
-    return path
-
-
-def save_lora(unet, folder: Path) -> Path:
-    """lora/pytorch_lora_weights.safetensors in diffusers' format (load_lora_weights reads it)."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    save = StableDiffusionPipeline.save_lora_weights
-    path = folder / "pytorch_lora_weights.safetensors"
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save(tmp.parent, unet_lora_layers=state, weight_name=tmp.name))
-    return path
-
-
-def save_checkpoint(run: Path, unet, optimizer, ema: list, next_epoch: int, scaler=None) -> None:
-    """checkpoint/state.pt: LoRA, optimizer, EMA, RNG states, fp16's loss scale, next epoch."""
-    from peft.utils import get_peft_model_state_dict
-
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    rng["numpy"] = np.random.get_state()
-    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    state = {"lora": get_peft_model_state_dict(unet), "optimizer": optimizer.state_dict()}
-    state |= {"ema": ema, "next_epoch": next_epoch, "rng": rng}
-    state["scaler"] = scaler.state_dict() if scaler else {}
-    (run / "checkpoint").mkdir(exist_ok=True)
-    atomic_write(run / "checkpoint" / "state.pt", lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(run: Path, unet, optimizer, ema: list, scaler=None) -> int:
-    """Restore what save_checkpoint wrote; returns the epoch to continue from."""
-    from peft.utils import set_peft_model_state_dict
-
-    path = run / "checkpoint" / "state.pt"
-    try:
-        state = torch.load(path, weights_only=False, map_location="cpu")
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-        raise UsageError(f"--resume: {path} is unreadable ({one_line(error)})") from None
-    set_peft_model_state_dict(unet, state["lora"])
-    if scaler and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    optimizer.load_state_dict(state["optimizer"])
-    for average, saved in zip(ema, state["ema"], strict=True):
-        average.copy_(saved)
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["next_epoch"]
-
-
-def append_metrics(run: Path, row: dict) -> None:
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def truncate_metrics(run: Path, next_epoch: int) -> None:
-    """On resume, drop rows the checkpoint does not cover (a kill between row and checkpoint)."""
-    text = "".join(json.dumps(r) + "\n" for r in read_metrics(run) if r["epoch"] < next_epoch)
-    atomic_write(run / "metrics.jsonl", lambda tmp: tmp.write_text(text))
-
-
-# === Input checks, prompt files and derived sizes: everything that can fail runs before any write
-def resolve_model_path(model: str) -> str:
-    """A local folder (as given, or next to loop.py) or a hub id 'org/name'."""
-    folder = next((f for f in (Path(model).expanduser(), HERE / model) if f.is_dir()), None)
-    if folder and not (folder / "model_index.json").is_file():
-        raise UsageError(f"--model: {folder} has no model_index.json; pass a diffusers folder")
-    if folder:
-        return str(folder)
-    if model == Config.model:
-        raise UsageError(
-            f"the embedded model {HERE / model} is missing; build it with "
-            "scripts/train_tiny_pipeline.py or pass --model"
-        )
-    first = model.split("/")[0]
-    hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
-    if not hub_id or Path(first).is_dir() or (HERE / first).is_dir():
-        raise UsageError(
-            f"--model {model}: model folder not found; pass an existing diffusers "
-            "folder or a hub id such as stabilityai/stable-diffusion-2-base"
-        )
-    return model
-
-
-def read_prompts(path: Path, what: str) -> list[str]:
-    if not path.is_file():
-        raise UsageError(f"{what} prompt file {path} not found; fix --*_prompts or --prompt_dir")
-    try:
-        prompts = [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as error:
-        message = f"{what} prompt file {path} is not UTF-8 text ({error}); save it as UTF-8"
-        raise UsageError(message) from None
-    if not prompts:
-        raise UsageError(f"{what} prompt file {path} is empty; write one prompt per line")
-    return prompts
-
-
-def resolve_reward_and_prompts(cfg: Config, model_path: str):
-    """The reward's name (shapes world: color -> shapes_color), training and held-out prompts."""
-    shapes_world, names = Path(model_path, SHAPES_MARKER).is_file(), rewards.REWARD_NAMES
-    reward = cfg.reward
-    if shapes_world and f"shapes_{reward}" in names:
-        reward = f"shapes_{reward}"
-        print(f"shapes-world model: --reward {cfg.reward} resolves to {reward}")
-    if reward not in names:
-        raise UsageError(f"unknown --reward {cfg.reward!r}; choose one of {', '.join(names)}")
-    category = reward.removeprefix("shapes_")
-    if cfg.train_prompts:
-        train = Path(cfg.train_prompts)
-    elif cfg.prompt_dir:
-        train = Path(cfg.prompt_dir) / f"{category}_train.txt"
-    elif shapes_world and category in CATEGORIES:
-        train = HERE / "prompts" / "shapes" / f"{category}_train.txt"
-    else:
-        raise UsageError(f"no prompts for --reward {reward}; pass --train_prompts or --prompt_dir")
-    train_prompts = read_prompts(train, "training")
-    held_out = train.with_name(train.name.replace("_train.txt", "_val.txt"))
-    if cfg.eval_prompts:
-        held_out = Path(cfg.eval_prompts)
-    elif held_out == train or not held_out.is_file():
-        held_out = train  # a plain prompt file without a *_val.txt
-        print(f"no held-out prompt file next to {train}: evaluating on its first prompts")
-    held_out_prompts = read_prompts(held_out, "held-out")[: cfg.num_eval_prompts]
-    held_out_prompts = [p for p in held_out_prompts for _ in range(cfg.eval_images_per_prompt)]
-    return reward, train_prompts, held_out_prompts
-
-
-def reward_options(reward: str, prompt_dir: str, given: str = "") -> dict:
-    """rewards.load_reward's options: --reward_options (JSON, checked against the names the
-    reward's loader takes), and for complex CompBench's route lists in --prompt_dir."""
-    try:
-        options = json.loads(given or "{}")
-    except json.JSONDecodeError as error:
-        raise UsageError(f"--reward_options {given!r} is not JSON ({error})") from None
-    valid = rewards.reward_options_of(reward)
-    unknown = sorted(set(options) - set(valid)) if isinstance(options, dict) else []
-    if not isinstance(options, dict) or unknown:
-        raise UsageError(
-            f"--reward_options {given}: need a JSON object of {reward}'s options "
-            f"({', '.join(valid)})" + (f", not {', '.join(unknown)}" if unknown else "")
-        )
-    if reward == "complex" and prompt_dir and any(Path(prompt_dir).glob("complex_*_spatial.txt")):
-        options.setdefault("lists", prompt_dir)
-    return options
-
-
-def load_rewards(name: str, options: dict, device: torch.device):
-    """r for training and for the held-out score, which on a GPU runs in the original scorers'
-    precision (as `rewards.py evaluate`, so the two numbers compare) unless options set dtype."""
-    try:
-        train = rewards.load_reward(name, device=device, **options)
-        if device.type != "cuda" or "dtype" in options:  # the same precision: one scorer
-            return train, train
-        return train, rewards.load_reward(name, device=device, dtype="original", **options)
-    except (OSError, RuntimeError, ValueError) as error:
-        raise UsageError(
-            f"could not load reward {name}: {one_line(error)} (pass local copies with "
-            f"--reward_options; {name}'s options: {', '.join(rewards.reward_options_of(name))})"
-        ) from None
-
-
-def config_docs() -> dict[str, str]:
-    """Each Config field's doc: the string statement under the field."""
-    pairs = itertools.pairwise(ast.parse(inspect.getsource(Config)).body[0].body)
-    return {a.target.id: b.value.value for a, b in pairs if isinstance(a, ast.AnnAssign)}
-
-
-def check_ranges(cfg: Config) -> None:
-    """Every numeric flag against the range its Config doc states, e.g. 'in (0, 1]'."""
-    for name, doc in config_docs().items():
-        if match := re.search(r"in ([\[(])(\S+), (\S+)([\])])$", doc):
-            left, low, high, right = match.groups()
-            value = getattr(cfg, name)
-            above = value > float(low) if left == "(" else value >= float(low)
-            below = value < float(high) if right == ")" else value <= float(high)
-            if not (above and below):  # (NaN is neither)
-                raise UsageError(f"--{name} {value}: must be in {left}{low}, {high}{right} ({doc})")
-
-
+# === main's steps: checks that need Config (the rest: loop_utils.py), run start, epoch inputs
 def check_config(cfg: Config, world: int) -> dict:
     """Reject bad input with one clear line; return the derived sizes printed at start-up."""
-    choices = {"algo": ALGOS, "normalize_advantage": NORMALIZATIONS, "mixed_precision": PRECISIONS}
-    for name, allowed in choices.items():
-        if (value := getattr(cfg, name)) not in allowed:
-            raise UsageError(f"unknown --{name} {value!r}; choose one of {', '.join(allowed)}")
-    check_ranges(cfg)
-    if cfg.algo in ("rloo", "loop") and cfg.k < 2:
-        raise UsageError(f"--algo {cfg.algo}: the leave-one-out baseline needs K >= 2; pass --k 2")
-    if cfg.normalize_advantage == "group-std" and cfg.k < 2:
-        raise UsageError("--normalize_advantage group-std needs --k >= 2; use batch")
-    if cfg.images_per_epoch % (world * cfg.k):
-        raise UsageError(f"--images_per_epoch: need a multiple of K x ranks = {cfg.k * world}")
-    on_policy = cfg.algo in ("reinforce", "rloo")
-    default = cfg.images_per_epoch if on_policy else max(world, cfg.images_per_epoch // 2)
-    minibatch = cfg.minibatch or default
-    if on_policy and (minibatch != cfg.images_per_epoch or cfg.inner_epochs != 1):
-        raise UsageError(f"--algo {cfg.algo} is on-policy: leave --minibatch, --inner_epochs unset")
-    per_rank = minibatch // world
-    micro = min(cfg.micro_batch, per_rank)
-    if minibatch % world or cfg.images_per_epoch % minibatch or per_rank % micro:
-        raise UsageError(
-            f"--minibatch {minibatch} must divide --images_per_epoch, split evenly "
-            f"over {world} rank(s), and be a multiple of --micro_batch {micro}"
-        )
-    return {
-        "world_size": world,
-        "prompts_per_epoch": cfg.images_per_epoch // cfg.k,
-        "images_per_epoch": cfg.images_per_epoch,
-        "images_per_rank": cfg.images_per_epoch // world,
-        "minibatch": minibatch,
-        "minibatch_per_rank": per_rank,
-        "micro_batch": micro,
-        "grad_accumulation": per_rank // micro,
-        "updates_per_epoch": cfg.inner_epochs * cfg.images_per_epoch // minibatch,
-    }
+    return loop_utils.check_config(cfg, world, ALGOS)
+
+
+def resolve_model_path(model: str) -> str:
+    """A local diffusers folder (as given, or next to loop.py) or a hub id 'org/name'."""
+    return loop_utils.resolve_model_path(model, embedded=Config.model)
 
 
 def check_trained_steps(schedule: Schedule, cfg: Config) -> list[int]:
@@ -1020,46 +717,12 @@ def check_trained_steps(schedule: Schedule, cfg: Config) -> list[int]:
     return steps
 
 
-def setup_distributed(cfg: Config):
-    """Rank, world size and device; torchrun sets RANK/WORLD_SIZE (gloo on CPU, nccl on GPU)."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device not in ("auto", "cpu", "cuda") or (use_cuda and not torch.cuda.is_available()):
-        raise UsageError(f"--device {cfg.device}: not available here; use cpu, cuda or auto")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
-    if use_cuda:  # this rank's GPU, also the one NCCL's collectives and object gathers use
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    return rank, world, device
-
-
-def weight_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """--mixed_precision as a dtype; auto: bf16 on a GPU that computes in it (compute capability
-    >= 8.0; V100 and T4 only emulate it, slowly), else fp32."""
-    bf16_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-    choice = ("bf16" if bf16_gpu else "no") if mixed_precision == "auto" else mixed_precision
-    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
-
-
-def mean_and_std_over_ranks(reward: torch.Tensor, device) -> tuple[float, float]:
-    moments = torch.tensor([reward.mean(), (reward**2).mean()], dtype=torch.float64, device=device)
-    if dist.is_initialized():  # every rank holds as many rewards: the mean of the ranks' moments
-        dist.all_reduce(moments)
-        moments /= dist.get_world_size()
-    mean, second = moments.tolist()
-    return mean, math.sqrt(max(0.0, second - mean**2))  # std = sqrt(E[r^2] - E[r]^2)
-
-
 def start_run(run: Path, cfg: Config, models, policy, prompts, reward_fn, optimizer, ema, micro):
     """New run folder (rank 0 writes): config.json, the untrained model's held-out score (every
     rank scores its share; returned), checkpoint 0."""
     show = not dist.is_initialized() or dist.get_rank() == 0
     if show:
-        (run / "samples").mkdir(parents=True, exist_ok=True)
-        (run / "metrics.jsonl").unlink(missing_ok=True)
-        config = json.dumps(dataclasses.asdict(cfg), indent=2)
-        atomic_write(run / "config.json", lambda tmp: tmp.write_text(config))
+        write_config(run, cfg)
     tic = time.time()
     reward, images = evaluate(models, policy, prompts, reward_fn, micro, show)
     row = {"epoch": 0, "images_seen": 0, "reward_mean": None, "reward_std": None}
@@ -1087,17 +750,6 @@ def held_out_scores(models, policy, params, ema, prompts, reward_fn, micro, eval
     return row, reward, images
 
 
-def run_folder(cfg: Config) -> Path:
-    """--resume DIR, --out DIR or runs/<algo>-<reward>-k<K>-<time>; never over another run."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = Path(cfg.resume or cfg.out or f"runs/{cfg.algo}-{cfg.reward}-k{cfg.k}-{stamp}")
-    if not cfg.resume and (run / "checkpoint").exists():
-        raise UsageError(f"--out {run} holds a run; pass --resume {run} or another --out")
-    if not (existing := next(f for f in (run, *run.parents) if f.exists())).is_dir():
-        raise UsageError(f"--out {run}: {existing} is a file; pass a folder")
-    return run
-
-
 def epoch_inputs(cfg: Config, rank: int, epoch: int, train_prompts, n: int, latent_shape: tuple):
     """The epoch's rng, B*K prompts (each group of K together), x_T and step noise."""
     # one seed per (seed, rank, epoch): noise and prompts never depend on earlier RNG use
@@ -1107,19 +759,6 @@ def epoch_inputs(cfg: Config, rank: int, epoch: int, train_prompts, n: int, late
     prompts = [p for p in chosen for _ in range(cfg.k)]  # B*K = n
     x_T, step_noise = draw_noise(generator, n, cfg.num_steps, latent_shape)
     return rng, prompts, x_T, step_noise
-
-
-def print_summary(run: Path, reward_name: str, resolution: int) -> None:
-    """The run's last lines: held-out score before -> after, the before/after grid, the LoRA."""
-    evals = [r for r in read_metrics(run) if r["eval_reward_mean"] is not None]
-    first, last = evals[0], evals[-1]
-    print(
-        f"held-out {reward_name}: before {first['eval_reward_mean']:.4f} -> after "
-        f"{last['eval_reward_mean']:.4f} (epoch {last['epoch']})"
-    )
-    grid = before_after_grid(run, first["epoch"], last["epoch"], resolution)
-    print(f"before/after grid: {grid}")
-    print(f"LoRA: {run / 'lora' / 'pytorch_lora_weights.safetensors'}")
 
 
 # === main: seed, device, load, optimise in a loop, log, save
@@ -1143,9 +782,8 @@ def main(cfg: Config) -> Path:
     options = reward_options(reward_name, cfg.prompt_dir, cfg.reward_options)
     reward_fn, eval_reward_fn = load_rewards(reward_name, options, device)
     weight_dtype = weight_dtype_for(cfg.mixed_precision, device)
-    models = load_models(
-        model_path, device, weight_dtype, cfg.lora_rank, cfg.seed, cfg.lora_modules
-    )
+    models = load_models(model_path, device, weight_dtype, cfg.lora_rank, cfg.seed,
+                         cfg.lora_modules)  # fmt: skip
     policy = make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
     steps = check_trained_steps(policy.schedule, cfg)
     params = lora_parameters(models.unet)
@@ -1171,9 +809,8 @@ def main(cfg: Config) -> Path:
             print(f"resumed {run} at epoch {start_epoch}")
     check_first_ratio(models, policy, eval_prompts[:micro], steps, show)
     if not cfg.resume:
-        score = start_run(
-            run, cfg, models, policy, eval_prompts, eval_reward_fn, optimizer, ema, micro
-        )
+        score = start_run(run, cfg, models, policy, eval_prompts, eval_reward_fn, optimizer,
+                          ema, micro)  # fmt: skip
         if show:
             print(f"held-out {reward_name} before training: {score:.4f}")
     if world > 1:
@@ -1183,19 +820,15 @@ def main(cfg: Config) -> Path:
     n_images = sizes["images_per_rank"]
     for epoch in tqdm(range(start_epoch, cfg.epochs), f"{cfg.algo} epochs", disable=not show):
         tic = time.time()
-        rng, prompts, x_T, step_noise = epoch_inputs(
-            cfg, rank, epoch, train_prompts, n_images, models.latent_shape
-        )
+        rng, prompts, x_T, step_noise = epoch_inputs(cfg, rank, epoch, train_prompts, n_images,
+                                                     models.latent_shape)  # fmt: skip
         batch, reward = rollout(models, policy, prompts, x_T, step_noise, reward_fn, micro, show)
         check_finite(reward, prompts, device)  # on every rank: all stop together
-        groups, clip = reward.view(-1, cfg.k), {}  # (B*K,) -> (B, K)
-        advantage = compute_advantages(
-            cfg.algo, groups, cfg.normalize_advantage, cfg.adv_clip, clip
-        ).to(device)
-        stats = (
-            train_on_rollout(policy, batch, advantage, cfg, optimizer, rng, sizes, show, scaler)
-            | clip
-        )
+        groups, clip = reward.view(-1, cfg.k), {}  # (B*K,) -> (B, K); clip: adv_clipfrac
+        advantage = compute_advantages(cfg.algo, groups, cfg.normalize_advantage, cfg.adv_clip,
+                                       clip).to(device)  # fmt: skip
+        stats = train_on_rollout(policy, batch, advantage, cfg, optimizer, rng, sizes, show,
+                                 scaler) | clip  # fmt: skip
         update_ema(ema, params, cfg.ema_decay)
         if show and not stats["grad_norm"]:  # None: every step skipped; 0: every gradient 0
             tqdm.write(
@@ -1236,61 +869,14 @@ def main(cfg: Config) -> Path:
 
 
 # === Command line (fire): every Config field is a --flag
-# a resume may change how long the run goes, how often it is scored and where it runs; any other
-# flag would make the resumed run another experiment than its config.json says
-RESUMABLE = ("resume", "epochs", "eval_every", "eval_raw", "micro_batch", "device")
-
-
-def parse_flag(name: str, value, kind: type):
-    """One --flag's value as its Config type (fire hands over ints, floats, dicts, strings)."""
-    try:
-        if kind is bool:
-            return {"true": True, "1": True, "false": False, "0": False}[str(value).lower()]
-        if kind in (int, float):
-            if kind is int and float(value) != int(value):
-                raise ValueError
-            return kind(value)
-        return json.dumps(value) if isinstance(value, dict) else str(value)
-    except (KeyError, TypeError, ValueError):
-        raise UsageError(f"--{name} {value!r}: expected {kind.__name__}") from None
-
-
 def config_from_flags(flags: dict) -> Config:
-    """A Config from --flags, type-checked; with --resume, the run's config.json, of which the
-    flags may change only RESUMABLE ones."""
-    hints = typing.get_type_hints(Config)
-    if unknown := sorted(set(flags) - set(hints)):
-        names = ", ".join("--" + name for name in unknown)
-        raise UsageError(f"unknown flag(s) {names}; see python loop.py --help")
-    given = {name: parse_flag(name, value, hints[name]) for name, value in flags.items()}
-    if not given.get("resume"):
-        return Config(**given)
-    run = Path(given["resume"])
-    state = run / "checkpoint" / "state.pt"
-    if not (run / "config.json").is_file() or not state.is_file():
-        raise UsageError(f"--resume {run}: no config.json and checkpoint/ there; pass a run")
-    if not zipfile.is_zipfile(state):  # torch.save writes a zip file; a truncated one is none
-        raise UsageError(f"--resume {run}: {state} is truncated or no checkpoint; start anew")
-    try:
-        values = json.loads((run / "config.json").read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"--resume {run}: config.json is not JSON ({error})") from None
-    if stale := sorted(set(values) - set(hints)):  # written by another version of loop.py
-        raise UsageError(f"--resume {run}: config.json has {stale}, unknown here; delete them")
-    saved = Config(**values)
-    changed = [f"--{n}" for n, v in given.items() if n not in RESUMABLE and v != getattr(saved, n)]
-    if changed:
-        allowed = ", ".join(f"--{name}" for name in RESUMABLE[1:])
-        raise UsageError(
-            f"--resume {run}: {', '.join(changed)} would make another experiment than its "
-            f"config.json says; a resume may change only {allowed} (else start a new run)"
-        )
-    return dataclasses.replace(saved, **given)
+    """A Config from --flags, type-checked; a --resume may change only loop_utils.RESUMABLE."""
+    return loop_utils.config_from_flags(flags, Config)
 
 
 def cli(**flags) -> None:
     if flags.pop("help", False) or flags.pop("h", False):
-        docs = config_docs()
+        docs = config_docs(Config)
         lines = [f"  --{name} (default {getattr(Config, name)!r}): {docs[name]}" for name in docs]
         print("python loop.py [--flag value ...]\n" + "\n".join(lines))
         return

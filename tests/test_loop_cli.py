@@ -16,6 +16,7 @@ import torch
 from conftest import PROMPTS, REPO, subprocess_env, write_prompts
 
 import loop
+import rewards
 
 LOOP = str(REPO / "loop.py")
 TINY_BUDGET = [
@@ -167,7 +168,7 @@ NUMERIC = [n for n, kind in typing.get_type_hints(loop.Config).items() if kind i
 def test_every_numeric_flag_states_its_range_and_is_checked(name):
     """Each int/float Config field's doc ends with its valid range ('in [1, inf)'), which
     check_config enforces: a value just outside either end is one clear UsageError."""
-    doc = loop.config_docs()[name]
+    doc = loop.config_docs(loop.Config)[name]
     match = re.search(r"in ([\[(])(\S+), (\S+)([\])])$", doc)
     assert match, f"--{name}: its doc states no range: {doc!r}"
     left, low, high, right = match.groups()
@@ -239,6 +240,7 @@ WORKER = textwrap.dedent(
     import json, os, sys
     import torch
     import loop
+    import rewards
 
     captured, rewards_seen, eval_images = {}, [], []
     real_load, real_score, real_rollout = loop.load_models, loop.score_images, loop.rollout
@@ -269,7 +271,7 @@ WORKER = textwrap.dedent(
         return real_rollout(*args)
 
     loop.load_models, loop.score_images, loop.rollout = spy_load, spy_score, spy_rollout
-    real_load_reward, loop.rewards.load_reward = loop.rewards.load_reward, nan_on_cats
+    real_load_reward, rewards.load_reward = rewards.load_reward, nan_on_cats
     if os.environ.get("NO_SYNC") == "1":  # show the test can fail: no gradient synchronisation
         loop.sync_gradients = lambda params: None
     flags = json.loads(sys.argv[1])
@@ -339,7 +341,7 @@ def test_two_ranks_under_torchrun_keep_identical_lora_weights(tmp_path, tiny_mod
                               cfg.lora_rank, cfg.seed, cfg.lora_modules)  # fmt: skip
     policy = loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
     prompts = [p for p in PROMPTS[: cfg.num_eval_prompts] for _ in range(2)]
-    reward_fn = loop.rewards.load_reward(cfg.reward)
+    reward_fn = rewards.load_reward(cfg.reward)
     one_process = loop.evaluate(models, policy, prompts, reward_fn, cfg.micro_batch)[0]
     assert one_process.mean().item() == untrained
     # the same run without the all-reduce diverges, so the check above can fail
@@ -396,7 +398,7 @@ def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, ca
     (model / "shapes_world.json").write_text("{}")
     write_prompts(tmp_path / "prompts" / "shapes" / "color_train.txt", ["a red cube"])
     write_prompts(tmp_path / "prompts" / "shapes" / "color_val.txt", ["a blue ball"])
-    monkeypatch.setattr(loop, "HERE", tmp_path)
+    monkeypatch.setattr(loop.loop_utils, "HERE", tmp_path)
     monkeypatch.chdir(tmp_path.parent)  # the default --model is relative to loop.py's folder
     path = loop.resolve_model_path("assets/tiny-shapes")
     assert Path(path) == model
@@ -474,7 +476,7 @@ def test_held_out_score_uses_the_original_scorers_precision_on_a_gpu(monkeypatch
     """Training scores in bf16 on a GPU (dtype=None); the held-out score in the precision
     `rewards.py evaluate` uses, so the two numbers compare; on the CPU both are fp32: one."""
     calls = []
-    monkeypatch.setattr(loop.rewards, "load_reward", lambda name, **kw: calls.append(kw) or kw)
+    monkeypatch.setattr(rewards, "load_reward", lambda name, **kw: calls.append(kw) or kw)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     train, held_out = loop.load_rewards("color", {"model": "M"}, cuda)
     assert train == {"device": cuda, "model": "M"}
@@ -493,7 +495,7 @@ def test_aesthetic_head_download_failing_offline_is_one_line(tmp_path, monkeypat
         raise urllib.error.URLError("no route to host")
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(loop.rewards.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(rewards.urllib.request, "urlopen", offline)
     with pytest.raises(loop.UsageError) as error:
         loop.load_rewards("aesthetic", {}, torch.device("cpu"))
     message = str(error.value)

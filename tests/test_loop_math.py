@@ -53,7 +53,7 @@ def test_ddim_step_equals_diffusers(prediction_type, config, num_steps):
 
 
 def test_last_step_sigma_guard():
-    """PITFALLS #1: know which steps have sigma_t > 0; the zero-sigma step is never trained on."""
+    """Which steps have sigma_t > 0 is known; the zero-sigma step is never trained on."""
     sd2 = loop.ddim_schedule(DDIMScheduler(**SCHEDULERS["sd2"]), 10, 1.0)
     assert sd2.trainable.all() and sd2.sigma_t.min() > 0.01  # last step: t=1, sigma ~ 0.02
     one = loop.ddim_schedule(DDIMScheduler(**SCHEDULERS["alpha_to_one"]), 10, 1.0)
@@ -152,7 +152,7 @@ def _grads(loss_fn, log_prob_value):
 
 @pytest.mark.parametrize("pair", [("ppo", "reinforce"), ("loop", "rloo")])
 def test_clipped_gradient_equals_reinforce_at_ratio_one(pair):
-    """PITFALLS #3: at rho = 1 the clipped objective's gradient is the REINFORCE/RLOO gradient."""
+    """At rho = 1 the clipped objective's gradient is the REINFORCE/RLOO gradient."""
     gen = torch.Generator().manual_seed(4)
     old = torch.randn(8, generator=gen)
     advantage = torch.randn(8, generator=gen)

@@ -13,6 +13,7 @@ from conftest import PROMPTS, write_prompts
 from safetensors.torch import load_file
 
 import loop
+import rewards
 
 
 def brightness_reward(images, prompts):
@@ -70,7 +71,7 @@ def test_no_guidance_runs_only_the_conditional_model(tiny_model):
 
 @pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_model_v"])
 def test_rescoring_a_fresh_rollout_gives_ratio_one(model_fixture, request):
-    """PITFALLS #2: same batch composition, fp32 latents, same CFG path -> rho_t == 1."""
+    """Sampling's batch composition, fp32 latents and CFG path when re-scoring -> rho_t == 1."""
     models = load(request.getfixturevalue(model_fixture))
     perturb_lora(models)
     cfg = tiny_config()
@@ -262,7 +263,7 @@ def test_nan_reward_stops_and_names_the_prompt(tmp_path, tiny_model, monkeypatch
     def nan_for_cats(images, prompts):
         return torch.tensor([float("nan") if "cat" in p else 0.0 for p in prompts])
 
-    monkeypatch.setattr(loop.rewards, "load_reward", lambda name, device: nan_for_cats)
+    monkeypatch.setattr(rewards, "load_reward", lambda name, device: nan_for_cats)
     eval_file = write_prompts(tmp_path / "val.txt", ["a red cube"])
     train_file = write_prompts(tmp_path / "cats.txt", ["a cat"])
     with pytest.raises(SystemExit) as exit_info:
@@ -439,7 +440,7 @@ def test_an_epoch_with_an_exactly_zero_gradient_is_warned_about(
 ):
     """A constant reward gives LOOP zero advantages: nothing is learned, and the run says so."""
     constant = lambda images, prompts: torch.zeros(len(prompts))
-    monkeypatch.setattr(loop.rewards, "load_reward", lambda name, device, **options: constant)
+    monkeypatch.setattr(rewards, "load_reward", lambda name, device, **options: constant)
     run = run_main(tmp_path, tiny_model, "zero", epochs=1, algo="loop")
     assert metrics(run)[-1]["grad_norm"] == 0.0
     assert "the LoRA gradient was exactly zero" in capsys.readouterr().out
