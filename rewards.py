@@ -121,9 +121,7 @@ AESTHETIC_HEAD_URL = (
 COMPBENCH_CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
 
 
-# ====================================================================================================
-# Shared helpers: inputs, dtype, loading, preprocessing
-# ====================================================================================================
+# === Shared helpers: inputs, dtype, loading, preprocessing
 def check_inputs(images: torch.Tensor, prompts: list[str]) -> None:
     """Raise a clear error unless images is (N, 3, H, W) and there are N prompts."""
     if images.ndim != 4 or images.shape[1] != 3:
@@ -168,20 +166,17 @@ def from_pretrained(cls, model: str, **kwargs):
             f"download them elsewhere (e.g. `huggingface-cli download {model} --local-dir DIR`) and pass "
             f"the folder as the model option (model=DIR), or point HF_HOME at a cache that holds them."
         ) from error
-    check_loaded_dtype(cls.__name__, loaded, kwargs.get("dtype"))
-    return loaded
-
-
-def check_loaded_dtype(name: str, loaded, dtype: torch.dtype | None) -> None:
-    """transformers < 4.56 ignores `dtype=` (it read `torch_dtype=`): fail instead of mixing precisions."""
+    # transformers < 4.56 ignores `dtype=` (it read `torch_dtype=`): fail instead of mixing precisions
+    dtype = kwargs.get("dtype")
     if dtype is not None and getattr(loaded, "dtype", dtype) != dtype:
         import transformers
 
         raise RuntimeError(
-            f"{name}.from_pretrained loaded {loaded.dtype} weights when asked for {dtype}: "
+            f"{cls.__name__}.from_pretrained loaded {loaded.dtype} weights when asked for {dtype}: "
             f"transformers {transformers.__version__} ignores dtype=. rewards.py needs "
             "transformers>=4.56: pip install -U 'transformers>=4.56'"
         )
+    return loaded
 
 
 def model_pixels(
@@ -229,9 +224,7 @@ def image_features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-# ====================================================================================================
-# JPEG (DDPO): file size at quality 95
-# ====================================================================================================
+# === JPEG (DDPO): file size at quality 95
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> (N,) JPEG size in kB (1 kB = 1000 bytes) of the 8-bit images."""
     from PIL import Image
@@ -252,7 +245,6 @@ def load_jpeg(sign: float) -> Callable[..., RewardFn]:
     def loader(device="cpu", quality: int = 95, dtype=None) -> RewardFn:
         def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
             check_inputs(images, prompts)
-            # r = -size (compressibility) or +size (incompressibility)
             return sign * jpeg_size_kb(images, quality)
 
         return reward
@@ -260,9 +252,7 @@ def load_jpeg(sign: float) -> Callable[..., RewardFn]:
     return loader
 
 
-# ====================================================================================================
-# BLIP-VQA (T2I-CompBench attribute binding): noun phrases, yes/no arithmetic, product
-# ====================================================================================================
+# === BLIP-VQA (T2I-CompBench attribute binding): noun phrases, yes/no arithmetic, product
 def words(text: str) -> set[str]:
     """The set of the space-separated words of `text`."""
     return set(text.split())
@@ -368,8 +358,7 @@ def yes_probability(
 
 def product_over_phrases(p_yes: torch.Tensor, phrase_counts: list[int]) -> torch.Tensor:
     """(sum(counts),) per-question P(yes), grouped by prompt -> (N,) score_i = prod_j P(yes | phrase_ij)."""
-    groups = torch.split(p_yes, phrase_counts)
-    return torch.stack([g.prod() for g in groups])
+    return torch.stack([group.prod() for group in torch.split(p_yes, phrase_counts)])
 
 
 def question_token_id(tokenizer, config, first_token: str) -> int | None:
@@ -481,9 +470,7 @@ def first_answer_logits(
     return answer.logits[:, -1, :]  # (M, 1, V) -> (M, V)
 
 
-# ====================================================================================================
-# spatial: T2I-CompBench's UniDet rule on OWLv2 detections (an APPROXIMATION, see gap 7)
-# ====================================================================================================
+# === spatial: T2I-CompBench's UniDet rule on OWLv2 detections (an APPROXIMATION, see gap 7)
 # CompBench's relation vocabulary, in its search order ("above"/"below" added for the shapes world).
 SPATIAL_RELATIONS = ("on side of", "next to", "near", "on the left of", "on the right of")
 SPATIAL_RELATIONS += ("on the bottom of", "on the top of", "on top of", "above", "below")
@@ -492,8 +479,6 @@ RELATION_AXIS = {
     "above": "on the top of",
     "below": "on the bottom of",
 }
-
-
 NOT_OBJECTS = words("top side left right bottom")  # "the left" of "on the left of" is no object
 
 
@@ -537,7 +522,7 @@ def relation_score(
         return 0.0
     relation = RELATION_AXIS.get(relation, relation)
     dx, dy = ((box2[:2] + box2[2:]) / 2 - (box1[:2] + box1[2:]) / 2).tolist()  # centre2 - centre1
-    iou = box_iou(box1, box2)
+    iou = float(boxes_iou(box1[None], box2)[0])
     if relation in ("next to", "on side of", "near"):
         # close along either axis -> 1, else decays as distance / max(|dx|, |dy|)
         return 1.0 if min(abs(dx), abs(dy)) < distance else distance / max(abs(dx), abs(dy))
@@ -551,11 +536,6 @@ def relation_score(
     if sign * along <= 0 or abs(along) <= abs(across):
         return 0.0
     return 1.0 if iou < iou_threshold else iou_threshold / iou
-
-
-def box_iou(box1: torch.Tensor, box2: torch.Tensor) -> float:
-    """Intersection over union of two (x0, y0, x1, y1) boxes."""
-    return float(boxes_iou(box1[None], box2)[0])
 
 
 def boxes_iou(boxes: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
@@ -574,7 +554,6 @@ def spatial_rule(
     first, second = found
     if first is not None and second is not None:
         position = relation_score(relation, first[1], second[1], strict=strict)
-        # score = 0.25 c1 + 0.25 c2 + 0.5 position
         score = 0.25 * first[0] + 0.25 * second[0] + 0.5 * position
     else:
         score = 0.25 * sum(d[0] for d in found if d is not None)
@@ -684,9 +663,7 @@ def read_labels(path: str) -> set[str]:
     return {name.strip() for name in names if name.strip()}
 
 
-# ====================================================================================================
-# CLIP: non_spatial (CompBench CLIPScore, raw cosine) and clipscore (2.5 * max(cos, 0))
-# ====================================================================================================
+# === CLIP: non_spatial (CompBench CLIPScore, raw cosine) and clipscore (2.5 * max(cos, 0))
 def load_clip_cosine(
     device: str | torch.device = "cpu",
     model: str = CLIP_B32_MODEL,
@@ -709,7 +686,6 @@ def load_clip_cosine(
         tokens = processor.tokenizer(prompts, return_tensors="pt", **padding).to(device)
         f_image = image_features(net.get_image_features(pixel_values=pixels)).float()  # (N, E)
         f_text = image_features(net.get_text_features(**tokens)).float()  # (N, E)
-        # cos = <f_image, f_text> / (|f_image| |f_text|)
         return F.cosine_similarity(f_image, f_text, dim=-1).cpu()
 
     return cosine
@@ -726,9 +702,7 @@ def load_clipscore(
     return lambda images, prompts: 2.5 * cosine(images, [prefix + p for p in prompts]).clamp(min=0)
 
 
-# ====================================================================================================
-# complex: T2I-CompBench 3-in-1
-# ====================================================================================================
+# === complex: T2I-CompBench 3-in-1
 def without_attributes(prompt: str, spacy_model: str = SPACY_MODEL) -> str:
     """CompBench feeds CLIP the complex prompt without its adjectives: spaCy's tokens that are not
     ADJ, joined by spaces ("The fluffy dog sat." -> "The dog sat .")."""
@@ -812,9 +786,7 @@ def branch(
     return scores
 
 
-# ====================================================================================================
-# aesthetic: LAION aesthetic predictor v2 (as DDPO uses it)
-# ====================================================================================================
+# === aesthetic: LAION aesthetic predictor v2 (as DDPO uses it)
 def aesthetic_head() -> torch.nn.Sequential:
     """The predictor's MLP, layer for layer: upstream keys are layers.0 ... layers.7 (see load_head)."""
     return torch.nn.Sequential(
@@ -885,9 +857,7 @@ def load_aesthetic(
     return reward
 
 
-# ====================================================================================================
-# The shapes world's exact judges (shapes_world.py), imported at load time
-# ====================================================================================================
+# === The shapes world's exact judges (shapes_world.py), imported at load time
 def load_shapes(category: str) -> Callable[..., RewardFn]:
     def loader(device: str | torch.device = "cpu", dtype=None) -> RewardFn:
         # exact pixel judges on the CPU: device and dtype are accepted for the common interface
@@ -904,9 +874,7 @@ def load_shapes(category: str) -> Callable[..., RewardFn]:
     return loader
 
 
-# ====================================================================================================
-# The one entry point
-# ====================================================================================================
+# === The one entry point
 LOADERS = {
     "color": load_blip_vqa,
     "shape": load_blip_vqa,
@@ -945,9 +913,7 @@ def reward_options_of(name: str) -> list[str]:
     return [p for p in parameters if p != "device"]
 
 
-# ====================================================================================================
-# T2I-CompBench prompt files
-# ====================================================================================================
+# === T2I-CompBench prompt files
 def load_prompts(folder: str, category: str, split: str = "train") -> list[str]:
     """Prompts of `<folder>/<category>_<split>.txt`, one per line (T2I-CompBench's dataset files)."""
     if split not in ("train", "val"):
@@ -958,15 +924,10 @@ def load_prompts(folder: str, category: str, split: str = "train") -> list[str]:
             f"{path} not found. T2I-CompBench's prompt files ({', '.join(COMPBENCH_CATEGORIES)} x train/val) "
             "are in examples/dataset/ of https://github.com/Karine-Huang/T2I-CompBench; pass that folder."
         )
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
+    return read_prompt_file(str(path))
 
 
-# ====================================================================================================
-# Evaluation command (CompBench style): M images per prompt, fixed seeds, mean and per-prompt scores
-# ====================================================================================================
+# === Evaluation (CompBench style): M images per prompt, fixed seeds, mean and per-prompt scores
 def resolve_reward_name(model: str, reward: str) -> str:
     """In the shapes world (a folder with shapes_world.json) 'color' means the exact judge 'shapes_color'."""
     is_shapes = os.path.isfile(os.path.join(model, "shapes_world.json"))
@@ -1004,13 +965,11 @@ def load_pipeline(model: str, lora: str | None, device: str, dtype: torch.dtype)
     """StableDiffusionPipeline (+ optional LoRA) with a DDIM scheduler; a local folder never touches the net."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    local = {"local_files_only": True} if os.path.isdir(model) else {}
+    options = {"safety_checker": None, "requires_safety_checker": False}
+    if os.path.isdir(model):
+        options["local_files_only"] = True
     pipe = StableDiffusionPipeline.from_pretrained(
-        model,
-        **diffusers_dtype_option(dtype),
-        safety_checker=None,
-        requires_safety_checker=False,
-        **local,
+        model, **diffusers_dtype_option(dtype), **options
     )
     if lora:
         pipe.load_lora_weights(lora)
@@ -1088,10 +1047,7 @@ def evaluate(
     reward_fn = load_reward(reward, device=device, dtype=reward_dtype, **options)
     prompt_list = read_prompt_file(prompts, limit)
     pipe = load_pipeline(model, lora, device, resolve_dtype(device, dtype))
-    sampling = {
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
-    }
+    sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
     sampling["eta"] = eta
     results, start = [], time.time()
     for index, prompt in enumerate(tqdm(prompt_list, desc="evaluate")):
