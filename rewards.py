@@ -1060,7 +1060,8 @@ def evaluate(
     print(f"{reward} on {len(results)} prompts x {images_per_prompt} images: mean {mean:.4f}")
     print(f"({elapsed:.0f} s)")
     if out:
-        settings = {"model": model, "lora": lora, "prompts": prompts, "reward": reward, **options}
+        settings = {"model": model, "lora": lora, "prompts": prompts, "reward": reward,
+                    "reward_options": options}  # fmt: skip
         settings["reward_dtype"] = str(reward_dtype)
         settings.update(images_per_prompt=images_per_prompt, seed=seed, **sampling)
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -153,6 +153,21 @@ def test_shapes_world_model_resolves_compbench_names(tmp_path, capsys):
     assert rewards.resolve_reward_name(str(tmp_path.parent), "color") == "color"
 
 
+def test_evaluate_records_the_diffusion_model_and_the_reward_options_apart(
+    tiny_sd, prompt_file, tmp_path, monkeypatch
+):
+    """--reward_model once overwrote the diffusion model's "model" entry in the JSON."""
+    monkeypatch.setattr(
+        rewards, "load_reward", lambda name, **kw: lambda im, p: torch.zeros(len(im))
+    )
+    out = tmp_path / "scores.json"
+    rewards.evaluate(str(prompt_file), "aesthetic", str(tiny_sd), device="cpu", out=str(out),
+                     reward_model="/data/clip-l14", **EVAL_ARGS)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["model"] == str(tiny_sd)
+    assert result["reward_options"] == {"model": "/data/clip-l14"}
+
+
 def test_evaluate_on_a_shapes_world_folder_uses_the_exact_judge(
     tiny_sd, prompt_file, tmp_path, capsys
 ):
