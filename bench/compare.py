@@ -367,7 +367,8 @@ def report(results: str = "runs/compare/results") -> Path:
         raise BenchError(f"{folder / 'compare_runs.csv'}: no runs yet; run a stage first")
     picks, edges = pick_lrs(runs_rows)
     lines = ["# The comparison of the four estimators (bench/PROTOCOL.md)", "",
-             (f"Runs: {len(runs_rows)}; commits: {sorted({r['commit'][:10] for r in runs_rows})}; "
+             (f"Runs: {len(runs_rows)} ({stage_counts(runs_rows)}); commits: "
+              f"{sorted({r['commit'][:10] for r in runs_rows})}; "
               f"CPUs: {sorted({r['cpu'] for r in runs_rows})}; threads per run: "
               f"{sorted({r['threads'] for r in runs_rows})}."), "", "## Stage 1: learning rates", ""]  # fmt: skip
     table = lr_table(runs_rows)
@@ -389,6 +390,14 @@ def report(results: str = "runs/compare/results") -> Path:
             plot_intervals(runs_rows, folder / "compare_intervals.png")
     print((folder / "compare.md").read_text())
     return folder / "compare.md"
+
+
+def stage_counts(runs_rows: list[dict]) -> str:
+    """ "tune 36, evaluate 12, tune-superseded 9": rows of a stage named otherwise are kept, not used."""
+    counts: dict = {}
+    for r in runs_rows:
+        counts[r["stage"]] = counts.get(r["stage"], 0) + 1
+    return ", ".join(f"{stage} {n}" for stage, n in counts.items())
 
 
 def _mean_cell(values) -> str:
