@@ -18,29 +18,29 @@ Deviations from the paper (each with its reason):
     would make eps = 1e-4 n times tighter. The same update's |log rho| still shrinks roughly as
     1/sqrt(n) (notebook 01): eps and the learning rate must be re-tuned for another latent size.
  2. Steps with sigma_t < MIN_SIGMA are not trained on (log-prob stored as 0): with set_alpha_to_one
-    the last step has sigma_t = 0 and no density, and a tiny sigma_t's log-density would dominate
-    the gradient. The paper trains on all T steps.
+    the last step has sigma_t = 0 and no density (SD 2's and the tiny model's schedulers set it False),
+    and a tiny sigma_t's log-density would dominate the gradient. The paper trains on all T steps.
  3. The random subset of steps (`--timestep_fraction`) is drawn per micro-batch, not per sample as
-    in DDPO: re-scoring uses exactly sampling's batches, so the first ratio is exactly 1.
+    in DDPO: re-scoring uses exactly sampling's batches, so the first ratio is 1 (exactly, on CPU).
  4. PPO's per-prompt reward statistics use each prompt's K samples of this rollout, not DDPO's
     buffer across epochs: stateless, so resume is exact. K = 1: batch statistics, as DDPO.
  5. LoRA on the UNet's attention projections (as DDPO); no full fine-tuning.
- 6. Several GPUs: one explicit all_reduce of the LoRA gradients per optimizer step, not DDP's hooks,
+ 6. Several GPUs: explicit all_reduces of the LoRA gradients before each optimizer step, not DDP's,
     which would need no_sync bookkeeping for the UNet's several passes per step.
  7. Prompts are drawn with replacement each epoch (the paper does not say).
  8. Defaults fit the embedded 64x64 model on 2 CPU cores (the GPU quickstart shows SD 2's): T = 6
     steps at w = 5, 64 images a rollout in 2 updates of 32; 10 of 10 seeds learned (docs/record.md).
  9. Optional KL penalty to the base model (`--kl_coef`, 0 as the paper); a non-finite reward or
     gradient stops the run: one NaN update would destroy the LoRA weights silently.
-10. Steps with sigma_t < `--min_train_sigma` (0.5: the first 3 of 6; 0 = all, as the paper) are
-    sampled, not trained on: grad log pi scales as |c_t| / sigma_t (10x the others' norm at the
-    second-to-last of 10 steps), noise that swamps the sum, while late steps only refine detail.
+10. Steps with sigma_t < `--min_train_sigma` are sampled, not trained on (0.5 trains the first 3 of
+    6; 0 trains all, as the paper): grad log pi scales as |c_t| / sigma_t, so late steps give large,
+    noisy gradients (scripts/step_gradients.py) while they only refine detail.
 11. Held-out scores and the saved LoRA use a per-epoch EMA of the LoRA weights (`--ema_decay` 0.9;
-    0 = the last weights, as the paper): each update's gradient is mostly noise (cosine ~0 between
-    rollouts), and the average removes part of the raw weights' wander around their trend.
-12. `--adv_clip` (DDPO's 5) is in units of the batch's std: normalised A (PPO) to [-5, 5], raw A
-    (as the paper: REINFORCE, RLOO, LOOP) to mean +- 5 std; in reward units it tied 77-99% of
-    JPEG-size advantages. Shapes world: it clips only REINFORCE's and PPO K = 1's rare failures.
+    0 = the last weights, as the paper): each update's gradient is mostly noise (cosine <= 0.05
+    between rollouts), and the average removes part of the raw weights' wander around their trend.
+12. `--adv_clip` (DDPO's 5) is in std units: normalised A (PPO: per prompt, or batch at K = 1) to
+    [-5, 5], raw A (REINFORCE, RLOO, LOOP, as the paper) to the batch mean +- 5 std; in reward units
+    it tied 77-99% of JPEG-size advantages. Shapes world: it bound only for REINFORCE (<= 2 of 64).
 
 Notation (paper symbol -> code name):
     B prompts per rank and epoch    reward (B, K)   K samples per prompt         k
@@ -163,7 +163,7 @@ class Config:
     ema_decay: float = 0.9
     """per-epoch EMA of the LoRA weights, evaluated, saved (0: the last; Deviation 11); in [0, 1)"""
     timestep_fraction: float = 1.0
-    """fraction of the trainable DDIM steps used in each update; in (0, 1]"""
+    """fraction of the trained steps used, drawn per micro-batch (Deviation 3); in (0, 1]"""
     kl_coef: float = 0.0
     """beta, KL penalty to the base model (LoRA adapter switched off; 0 = the paper); in [0, inf)"""
     max_grad_norm: float = 1.0

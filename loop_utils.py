@@ -306,7 +306,7 @@ def check_finite(reward, prompts: list[str], device) -> None:
         )
 
 
-# === The run folder: config.json, metrics.jsonl, samples/, lora/, checkpoint/ (atomic writes)
+# === The run folder: config.json, metrics.jsonl (appended), samples/, lora/, checkpoint/ (atomic)
 def atomic_write(path: Path, write) -> None:
     """Write a temporary file, then rename it: a kill mid-write never leaves a broken file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
