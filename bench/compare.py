@@ -381,7 +381,8 @@ def report(results: str = "runs/compare/results") -> Path:
         lines += evaluation_sections(runs_rows)
     (folder / "compare.md").write_text("\n".join(lines) + "\n")
     if have_matplotlib():
-        plot_lr(table, folder / "compare_lr.png")
+        tuned = [float(r["untrained_heldout"]) for r in runs_rows if r["stage"] == "tune"]
+        plot_lr(table, folder / "compare_lr.png", float(np.mean(tuned)) if tuned else None)
         curves = read_csv(folder / "compare_curves.csv")
         if any(r["stage"] == "evaluate" for r in runs_rows):
             plot_training_reward(curves, [("color", c) for c in ("reinforce-k1", "rloo-k4", "ppo-k1")],
@@ -528,19 +529,24 @@ def plot_intervals(runs_rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_lr(table: dict, path: Path) -> None:
+def plot_lr(table: dict, path: Path, untrained: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4), constrained_layout=True)
+    if untrained is not None:
+        ax.axhline(untrained, color="grey", linestyle="--", linewidth=1, label="untrained")
     for (config, by_lr), color in zip(table.items(), plt.cm.tab10.colors):
         lrs = sorted(by_lr)
         ax.plot(lrs, [np.mean(by_lr[lr]) for lr in lrs], "o-", color=color, label=config)
         for lr in lrs:
             ax.scatter([lr] * len(by_lr[lr]), by_lr[lr], color=color, s=8, alpha=0.5)
+    grid = sorted({lr for by_lr in table.values() for lr in by_lr})
     ax.set(xscale="log", xlabel="learning rate", ylabel="final held-out score (EMA), color")
+    ax.set_xticks(grid, [f"{lr:g}" for lr in grid], minor=False)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_title("learning-rate sensitivity (tuning seeds; line: mean)", fontsize=9)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
