@@ -381,7 +381,8 @@ def report(results: str = "runs/compare/results") -> Path:
         lines += evaluation_sections(runs_rows)
     (folder / "compare.md").write_text("\n".join(lines) + "\n")
     if have_matplotlib():
-        tuned = [float(r["untrained_heldout"]) for r in runs_rows if r["stage"] == "tune"]
+        tuned = [float(r["untrained_heldout"]) for r in runs_rows
+                 if r["stage"] == "tune" and r["untrained_heldout"] not in ("", None)]  # fmt: skip
         plot_lr(table, folder / "compare_lr.png", float(np.mean(tuned)) if tuned else None)
         curves = read_csv(folder / "compare_curves.csv")
         if any(r["stage"] == "evaluate" for r in runs_rows):
