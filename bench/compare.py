@@ -385,7 +385,7 @@ def report(results: str = "runs/compare/results") -> Path:
                  if r["stage"] == "tune" and r["untrained_heldout"] not in ("", None)]  # fmt: skip
         plot_lr(table, folder / "compare_lr.png", float(np.mean(tuned)) if tuned else None)
         curves = read_csv(folder / "compare_curves.csv")
-        if any(r["stage"] == "evaluate" for r in runs_rows):
+        if any(len(scores_of(runs_rows, c, task)) >= 2 for task, cs in TASKS.items() for c in cs):
             plot_training_reward(curves, [("color", c) for c in ("reinforce-k1", "rloo-k4", "ppo-k1")],
                                  folder / "compare_fig2.png")  # fmt: skip
             plot_figure3(curves, folder / "compare_fig3.png")
@@ -426,7 +426,16 @@ def evaluation_sections(runs_rows: list[dict]) -> list[str]:
     header = ["task", "configuration", "lr", "seeds", "held-out (EMA) IQM [95% CI]",
               "training reward, last 10 epochs, IQM [95% CI]",
               f"runs reaching untrained + {THRESHOLD_GAIN}", "images to reach it (median)"]  # fmt: skip
-    lines += [markdown_table(header, body), "## Probability of improvement (held-out, EMA)", ""]
+    lines += [markdown_table(header, body), "## Runs so far (final held-out, EMA, per seed)", ""]
+    per_seed = []
+    for task, configs in TASKS.items():
+        for c in configs:
+            mine = sorted((int(r["seed"]), float(r["final_heldout"])) for r in runs_rows
+                          if r["stage"] == "evaluate" and r["config"] == c and r["reward"] == task)  # fmt: skip
+            if mine:
+                per_seed.append([task, c, len(mine), ", ".join(f"{s}: {v:.3f}" for s, v in mine)])
+    lines += [markdown_table(["task", "configuration", "seeds", "seed: score"], per_seed), "",
+              "## Probability of improvement (held-out, EMA)", ""]  # fmt: skip
     body = []
     for x, y, task in PAIRS:
         sx, sy = scores_of(runs_rows, x, task), scores_of(runs_rows, y, task)
