@@ -245,6 +245,7 @@ def load_jpeg(sign: float) -> Callable[..., RewardFn]:
     def loader(device="cpu", quality: int = 95, dtype=None) -> RewardFn:
         def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
             check_inputs(images, prompts)
+            # r = -size (compressibility) or +size (incompressibility)
             return sign * jpeg_size_kb(images, quality)
 
         return reward
@@ -554,6 +555,7 @@ def spatial_rule(
     first, second = found
     if first is not None and second is not None:
         position = relation_score(relation, first[1], second[1], strict=strict)
+        # score = 0.25 c1 + 0.25 c2 + 0.5 position
         score = 0.25 * first[0] + 0.25 * second[0] + 0.5 * position
     else:
         score = 0.25 * sum(d[0] for d in found if d is not None)
@@ -686,6 +688,7 @@ def load_clip_cosine(
         tokens = processor.tokenizer(prompts, return_tensors="pt", **padding).to(device)
         f_image = image_features(net.get_image_features(pixel_values=pixels)).float()  # (N, E)
         f_text = image_features(net.get_text_features(**tokens)).float()  # (N, E)
+        # cos = <f_image, f_text> / (|f_image| |f_text|)
         return F.cosine_similarity(f_image, f_text, dim=-1).cpu()
 
     return cosine

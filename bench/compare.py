@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,11 +300,16 @@ def pick_lrs(runs_rows: list[dict], seeds: int = len(TUNE_SEEDS)) -> tuple[dict,
 
 
 # === Aggregates: rliable's IQM and probability of improvement, prediction intervals, detectable difference
+def runs_of(runs_rows: list[dict], config: str, task: str) -> list[dict]:
+    """The stage-2 rows of one configuration on one task."""
+    return [r for r in runs_rows
+            if r["stage"] == "evaluate" and r["config"] == config and r["reward"] == task]  # fmt: skip
+
+
 def scores_of(
     runs_rows: list[dict], config: str, task: str, key: str = "final_heldout"
 ) -> np.ndarray:
-    values = [float(r[key]) for r in runs_rows
-              if r["stage"] == "evaluate" and r["config"] == config and r["reward"] == task]  # fmt: skip
+    values = [float(r[key]) for r in runs_of(runs_rows, config, task)]
     return np.array(values).reshape(-1, 1)  # (runs, 1 task), rliable's layout
 
 
@@ -396,9 +402,7 @@ def report(results: str = "runs/compare/results") -> Path:
 
 def stage_counts(runs_rows: list[dict]) -> str:
     """ "tune 36, evaluate 12, tune-superseded 9": rows of a stage named otherwise are kept, not used."""
-    counts: dict = {}
-    for r in runs_rows:
-        counts[r["stage"]] = counts.get(r["stage"], 0) + 1
+    counts = Counter(r["stage"] for r in runs_rows)
     return ", ".join(f"{stage} {n}" for stage, n in counts.items())
 
 
@@ -417,8 +421,7 @@ def evaluation_sections(runs_rows: list[dict]) -> list[str]:
         train = iqm_intervals({c: scores_of(runs_rows, c, task, "final_train_reward")
                                for c in present}) if present else {}  # fmt: skip
         for c in present:
-            mine = [r for r in runs_rows if r["stage"] == "evaluate" and r["config"] == c
-                    and r["reward"] == task]  # fmt: skip
+            mine = runs_of(runs_rows, c, task)
             reach = [float(r["images_to_threshold"]) for r in mine if r["images_to_threshold"]]
             body.append([task, c, f"{float(mine[0]['lr']):g}", len(mine), _interval(held[c]),
                          _interval(train[c]), f"{len(reach)}/{len(mine)}",
@@ -430,8 +433,9 @@ def evaluation_sections(runs_rows: list[dict]) -> list[str]:
     per_seed = []
     for task, configs in TASKS.items():
         for c in configs:
-            mine = sorted((int(r["seed"]), float(r["final_heldout"])) for r in runs_rows
-                          if r["stage"] == "evaluate" and r["config"] == c and r["reward"] == task)  # fmt: skip
+            mine = sorted(
+                (int(r["seed"]), float(r["final_heldout"])) for r in runs_of(runs_rows, c, task)
+            )
             if mine:
                 per_seed.append([task, c, len(mine), ", ".join(f"{s}: {v:.3f}" for s, v in mine)])
     lines += [markdown_table(["task", "configuration", "seeds", "seed: score"], per_seed), "",
