@@ -383,8 +383,9 @@ def report(results: str = "runs/compare/results") -> Path:
              f"{edges[c]:g}" if c in edges else ""] for c in table]  # fmt: skip
     header = ["configuration", *[f"lr {lr:g}" for lr in lrs], "pick", "edge rule adds"]
     lines += [markdown_table(header, body)]
+    stats = aggregates(runs_rows)  # the bootstrap is slow: computed once, for tables and figure
     if any(r["stage"] == "evaluate" for r in runs_rows):
-        lines += evaluation_sections(runs_rows)
+        lines += evaluation_sections(runs_rows, stats)
     (folder / "compare.md").write_text("\n".join(lines) + "\n")
     if have_matplotlib():
         tuned = [float(r["untrained_heldout"]) for r in runs_rows
@@ -395,7 +396,7 @@ def report(results: str = "runs/compare/results") -> Path:
             plot_training_reward(curves, [("color", c) for c in ("reinforce-k1", "rloo-k4", "ppo-k1")],
                                  folder / "compare_fig2.png")  # fmt: skip
             plot_figure3(curves, folder / "compare_fig3.png")
-            plot_intervals(runs_rows, folder / "compare_intervals.png")
+            plot_intervals(stats, folder / "compare_intervals.png")
     print((folder / "compare.md").read_text())
     return folder / "compare.md"
 
@@ -412,19 +413,33 @@ def _mean_cell(values) -> str:
     return f"{np.mean(values):.3f} ({', '.join(f'{v:.3f}' for v in values)})"
 
 
-def evaluation_sections(runs_rows: list[dict]) -> list[str]:
-    lines = ["", "## Stage 2: final scores, IQM with 95% stratified-bootstrap intervals", ""]
-    body = []
+def aggregates(runs_rows: list[dict]) -> dict:
+    """rliable's intervals of stage 2, for every configuration and pair with at least 2 seeds:
+    {"held": {task: {config: (IQM, low, high)}}, "train": (same, training reward),
+     "pairs": {(x, y, task): (P(X > Y), low, high)}}."""
+    stats: dict = {"held": {}, "train": {}, "pairs": {}}
     for task, configs in TASKS.items():
         present = [c for c in configs if len(scores_of(runs_rows, c, task)) >= 2]
-        held = iqm_intervals({c: scores_of(runs_rows, c, task) for c in present}) if present else {}
-        train = iqm_intervals({c: scores_of(runs_rows, c, task, "final_train_reward")
-                               for c in present}) if present else {}  # fmt: skip
-        for c in present:
+        if present:
+            for name, key in (("held", "final_heldout"), ("train", "final_train_reward")):
+                stats[name][task] = iqm_intervals({c: scores_of(runs_rows, c, task, key)
+                                                   for c in present})  # fmt: skip
+    for x, y, task in PAIRS:
+        sx, sy = scores_of(runs_rows, x, task), scores_of(runs_rows, y, task)
+        if len(sx) >= 2 and len(sy) >= 2:
+            stats["pairs"][x, y, task] = improvement_probabilities({"p": (sx, sy)})["p"]
+    return stats
+
+
+def evaluation_sections(runs_rows: list[dict], stats: dict) -> list[str]:
+    lines = ["", "## Stage 2: final scores, IQM with 95% stratified-bootstrap intervals", ""]
+    body = []
+    for task, held in stats["held"].items():
+        for c, interval in held.items():
             mine = runs_of(runs_rows, c, task)
             reach = [float(r["images_to_threshold"]) for r in mine if r["images_to_threshold"]]
-            body.append([task, c, f"{float(mine[0]['lr']):g}", len(mine), _interval(held[c]),
-                         _interval(train[c]), f"{len(reach)}/{len(mine)}",
+            body.append([task, c, f"{float(mine[0]['lr']):g}", len(mine), _interval(interval),
+                         _interval(stats["train"][task][c]), f"{len(reach)}/{len(mine)}",
                          f"{np.median(reach):.0f}" if reach else "-"])  # fmt: skip
     header = ["task", "configuration", "lr", "seeds", "held-out (EMA) IQM [95% CI]",
               "training reward, last 10 epochs, IQM [95% CI]",
@@ -441,11 +456,8 @@ def evaluation_sections(runs_rows: list[dict]) -> list[str]:
     lines += [markdown_table(["task", "configuration", "seeds", "seed: score"], per_seed), "",
               "## Probability of improvement (held-out, EMA)", ""]  # fmt: skip
     body = []
-    for x, y, task in PAIRS:
+    for (x, y, task), p in stats["pairs"].items():
         sx, sy = scores_of(runs_rows, x, task), scores_of(runs_rows, y, task)
-        if len(sx) < 2 or len(sy) < 2:
-            continue
-        p = improvement_probabilities({"p": (sx, sy)})["p"]
         body.append([f"{x} > {y}", task, f"{len(sx)} / {len(sy)}", _interval(p, 2),
                      verdict(p[1], p[2]), f"{sx.mean() - sy.mean():+.3f}",
                      f"{detectable_difference(sx[:, 0], sy[:, 0]):.3f}"])  # fmt: skip
@@ -508,31 +520,22 @@ def plot_figure3(curves: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_intervals(runs_rows: list[dict], path: Path) -> None:
+def plot_intervals(stats: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    labels, y = [], 0
-    for task, configs in TASKS.items():
-        present = [c for c in configs if len(scores_of(runs_rows, c, task)) >= 2]
-        if not present:
-            continue
-        for c, (point, low, high) in iqm_intervals(
-            {c: scores_of(runs_rows, c, task) for c in present}
-        ).items():
-            left.errorbar(point, y, xerr=[[point - low], [high - point]], fmt="o", capsize=3)
+    labels = []
+    for task, held in stats["held"].items():
+        for c, (point, low, high) in held.items():
+            left.errorbar(point, len(labels), xerr=[[point - low], [high - point]], fmt="o",
+                          capsize=3)  # fmt: skip
             labels.append(f"{task}: {c}")
-            y += 1
     left.set(
         yticks=range(len(labels)), yticklabels=labels, xlabel="final held-out score (EMA), IQM"
     )
     left.invert_yaxis()
     labels = []
-    for x, yc, task in PAIRS:
-        sx, sy = scores_of(runs_rows, x, task), scores_of(runs_rows, yc, task)
-        if len(sx) < 2 or len(sy) < 2:
-            continue
-        point, low, high = improvement_probabilities({"p": (sx, sy)})["p"]
+    for (x, yc, task), (point, low, high) in stats["pairs"].items():
         right.errorbar(point, len(labels), xerr=[[point - low], [high - point]], fmt="o", capsize=3)
         labels.append(f"{task}: {x} > {yc}")
     right.axvline(0.5, color="gray", linestyle=":")
