@@ -416,11 +416,14 @@ def _mean_cell(values) -> str:
 def aggregates(runs_rows: list[dict]) -> dict:
     """rliable's intervals of stage 2, for every configuration and pair with at least 2 seeds:
     {"held": {task: {config: (IQM, low, high)}}, "train": (same, training reward),
-     "pairs": {(x, y, task): (P(X > Y), low, high)}}."""
-    stats: dict = {"held": {}, "train": {}, "pairs": {}}
+     "pairs": {(x, y, task): (P(X > Y), low, high)}, "untrained": {task: mean untrained score}}."""
+    stats: dict = {"held": {}, "train": {}, "pairs": {}, "untrained": {}}
     for task, configs in TASKS.items():
         present = [c for c in configs if len(scores_of(runs_rows, c, task)) >= 2]
         if present:
+            before = [float(r["untrained_heldout"]) for c in present for r in runs_of(runs_rows, c, task)
+                      if r["untrained_heldout"] not in ("", None)]  # fmt: skip
+            stats["untrained"][task] = float(np.mean(before)) if before else None
             for name, key in (("held", "final_heldout"), ("train", "final_train_reward")):
                 stats[name][task] = iqm_intervals({c: scores_of(runs_rows, c, task, key)
                                                    for c in present})  # fmt: skip
@@ -438,10 +441,13 @@ def evaluation_sections(runs_rows: list[dict], stats: dict) -> list[str]:
         for c, interval in held.items():
             mine = runs_of(runs_rows, c, task)
             reach = [float(r["images_to_threshold"]) for r in mine if r["images_to_threshold"]]
-            body.append([task, c, f"{float(mine[0]['lr']):g}", len(mine), _interval(interval),
+            before = stats["untrained"].get(task)
+            body.append([task, c, f"{float(mine[0]['lr']):g}", len(mine),
+                         "-" if before is None else f"{before:.3f}", _interval(interval),
                          _interval(stats["train"][task][c]), f"{len(reach)}/{len(mine)}",
                          f"{np.median(reach):.0f}" if reach else "-"])  # fmt: skip
-    header = ["task", "configuration", "lr", "seeds", "held-out (EMA) IQM [95% CI]",
+    header = ["task", "configuration", "lr", "seeds", "untrained held-out (mean over the task's runs)",
+              "held-out (EMA) IQM [95% CI]",
               "training reward, last 10 epochs, IQM [95% CI]",
               f"runs reaching untrained + {THRESHOLD_GAIN}", "images to reach it (median)"]  # fmt: skip
     lines += [markdown_table(header, body), "## Runs so far (final held-out, EMA, per seed)", ""]
@@ -526,13 +532,19 @@ def plot_intervals(stats: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     labels = []
     for task, held in stats["held"].items():
+        before = stats["untrained"].get(task)
         for c, (point, low, high) in held.items():
             left.errorbar(point, len(labels), xerr=[[point - low], [high - point]], fmt="o",
-                          capsize=3)  # fmt: skip
+                          capsize=3, color="C0")  # fmt: skip
+            if before is not None:  # the task's untrained score: where every run started
+                left.plot(before, len(labels), "|", color="gray", markersize=14,
+                          label="untrained" if not labels else None)  # fmt: skip
             labels.append(f"{task}: {c}")
     left.set(
         yticks=range(len(labels)), yticklabels=labels, xlabel="final held-out score (EMA), IQM"
     )
+    if stats["untrained"]:
+        left.legend(loc="lower left", bbox_to_anchor=(0, 1), frameon=False)  # above the axes
     left.invert_yaxis()
     labels = []
     for (x, yc, task), (point, low, high) in stats["pairs"].items():

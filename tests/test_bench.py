@@ -55,7 +55,8 @@ def synthetic_runs(shift: float, seeds: int = 10, spread: float = 0.03) -> list[
             rows.append({"stage": "evaluate", "config": config, "reward": "color", "seed": seed,
                          "lr": 0.004, "final_heldout": 0.5 + offset + noise,
                          "final_train_reward": 0.6 + offset + noise,
-                         "images_to_threshold": 640 if offset else ""})  # fmt: skip
+                         "images_to_threshold": 640 if offset else "",
+                         "untrained_heldout": 0.3 + 0.02 * (seed % 2)})  # fmt: skip
     return rows
 
 
@@ -119,6 +120,7 @@ def test_compare_report_from_synthetic_csvs(tmp_path):
     compare.append_csv(tmp_path / "compare_curves.csv", compare.CURVE_FIELDS, curves)
     text = compare.report(str(tmp_path)).read_text()
     assert "| loop-k4 > ppo-k1 | color | 10 / 10 |" in text and "| supported |" in text
+    assert "| color | loop-k4 | 0.004 | 10 | 0.310 |" in text  # the runs' mean untrained score
     if common.have_matplotlib():
         assert (tmp_path / "compare_fig3.png").stat().st_size > 1000
         assert (tmp_path / "compare_intervals.png").stat().st_size > 1000
