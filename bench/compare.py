@@ -388,9 +388,8 @@ def report(results: str = "runs/compare/results") -> Path:
         lines += evaluation_sections(runs_rows, stats)
     (folder / "compare.md").write_text("\n".join(lines) + "\n")
     if have_matplotlib():
-        tuned = [float(r["untrained_heldout"]) for r in runs_rows
-                 if r["stage"] == "tune" and r["untrained_heldout"] not in ("", None)]  # fmt: skip
-        plot_lr(table, folder / "compare_lr.png", float(np.mean(tuned)) if tuned else None)
+        tuned = mean_untrained([r for r in runs_rows if r["stage"] == "tune"])
+        plot_lr(table, folder / "compare_lr.png", tuned)
         curves = read_csv(folder / "compare_curves.csv")
         if stats["held"]:  # a configuration has 2 seeds somewhere
             plot_training_reward(curves, [("color", c) for c in ("reinforce-k1", "rloo-k4", "ppo-k1")],
@@ -413,6 +412,14 @@ def _mean_cell(values) -> str:
     return f"{np.mean(values):.3f} ({', '.join(f'{v:.3f}' for v in values)})"
 
 
+def mean_untrained(rows: list[dict]) -> float | None:
+    """The mean untrained held-out score of rows that recorded one (None if none did)."""
+    before = [
+        float(r["untrained_heldout"]) for r in rows if r["untrained_heldout"] not in ("", None)
+    ]
+    return float(np.mean(before)) if before else None
+
+
 def aggregates(runs_rows: list[dict]) -> dict:
     """rliable's intervals of stage 2, for every configuration and pair with at least 2 seeds:
     {"held": {task: {config: (IQM, low, high)}}, "train": (same, training reward),
@@ -421,9 +428,9 @@ def aggregates(runs_rows: list[dict]) -> dict:
     for task, configs in TASKS.items():
         present = [c for c in configs if len(scores_of(runs_rows, c, task)) >= 2]
         if present:
-            before = [float(r["untrained_heldout"]) for c in present for r in runs_of(runs_rows, c, task)
-                      if r["untrained_heldout"] not in ("", None)]  # fmt: skip
-            stats["untrained"][task] = float(np.mean(before)) if before else None
+            stats["untrained"][task] = mean_untrained(
+                [r for c in present for r in runs_of(runs_rows, c, task)]
+            )
             for name, key in (("held", "final_heldout"), ("train", "final_train_reward")):
                 stats[name][task] = iqm_intervals({c: scores_of(runs_rows, c, task, key)
                                                    for c in present})  # fmt: skip
