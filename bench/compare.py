@@ -21,6 +21,7 @@ compare_fig2.png, compare_fig3.png, compare_intervals.png, compare_lr.png (needs
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -31,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -313,30 +313,46 @@ def scores_of(
     return np.array(values).reshape(-1, 1)  # (runs, 1 task), rliable's layout
 
 
+@contextlib.contextmanager
+def seeded_numpy(seed: int = 0):
+    """numpy's global generator seeded for one block, its state put back after: rliable 1.2 draws its
+    bootstrap resamples with np.random.choice and ignores the random_state it is handed, so this is
+    what makes an interval the same on every run of `report`."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def _intervals(score_dict: dict, func) -> dict:
+    """{name: (estimate, low, high)}, each name bootstrapped alone from the same seed, so an interval
+    does not depend on which other names are in score_dict or on their order."""
+    from rliable import library as rly
+
+    out = {}
+    for name, scores in score_dict.items():
+        with seeded_numpy(0):
+            point, ci = rly.get_interval_estimates(
+                {name: scores}, func, reps=REPS, confidence_interval_size=CI
+            )
+        out[name] = (float(np.ravel(point[name])[0]), *np.ravel(ci[name]).astype(float).tolist())
+    return out
+
+
 def iqm_intervals(score_dict: dict) -> dict:
     """{name: (IQM, low, high)}: interquartile mean with a stratified-bootstrap 95% interval."""
-    from rliable import library as rly
     from rliable import metrics
 
-    warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # arch's
-    point, ci = rly.get_interval_estimates(
-        score_dict, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=REPS,
-        confidence_interval_size=CI, random_state=np.random.RandomState(0),
-    )  # fmt: skip
-    return {n: (float(point[n][0]), *np.ravel(ci[n]).astype(float).tolist()) for n in score_dict}
+    return _intervals(score_dict, lambda x: np.array([metrics.aggregate_iqm(x)]))
 
 
 def improvement_probabilities(pairs: dict) -> dict:
     """{name: (P(X > Y), low, high)} for pairs {name: (scores_x, scores_y)}, rliable's estimator."""
-    from rliable import library as rly
     from rliable import metrics
 
-    warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # arch's
-    point, ci = rly.get_interval_estimates(
-        pairs, metrics.probability_of_improvement, reps=REPS,
-        confidence_interval_size=CI, random_state=np.random.RandomState(0),
-    )  # fmt: skip
-    return {n: (float(point[n]), *np.ravel(ci[n]).astype(float).tolist()) for n in pairs}
+    return _intervals(pairs, metrics.probability_of_improvement)
 
 
 def verdict(low: float, high: float) -> str:

@@ -80,6 +80,31 @@ def test_probability_of_improvement_detects_a_known_difference_and_not_a_zero_on
     assert compare.detectable_difference(a, b) == pytest.approx(2.801585 * math.sqrt(2 / 3))
 
 
+def test_bootstrap_intervals_are_reproducible_and_independent_of_the_other_names(monkeypatch):
+    """rliable draws from numpy's global generator: two reports must still agree to the bit."""
+    pytest.importorskip("rliable")
+    monkeypatch.setattr(compare, "REPS", 500)
+    rows = synthetic_runs(shift=0.02, spread=0.05)
+    x, y = compare.scores_of(rows, "loop-k4", "color"), compare.scores_of(rows, "ppo-k1", "color")
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    first = compare.improvement_probabilities({"p": (x, y)})
+    np.random.rand(7)  # a different global state between the calls changes nothing
+    again = compare.improvement_probabilities({"other": (y, x), "p": (x, y)})
+    assert first["p"] == again["p"]
+    assert compare.iqm_intervals({"x": x}) == {"x": compare.iqm_intervals({"y": y, "x": x})["x"]}
+    np.random.seed(123)
+    assert (np.random.get_state()[1] == before).all()  # and the caller's generator is put back
+    # the seed matters: a different one moves the interval's edges (the check above can fail)
+    with compare.seeded_numpy(1):
+        from rliable import library as rly
+        from rliable import metrics
+
+        _, ci = rly.get_interval_estimates({"p": (x, y)}, metrics.probability_of_improvement,
+                                           reps=500)  # fmt: skip
+    assert tuple(np.ravel(ci["p"])) != first["p"][1:]
+
+
 def test_pick_lrs_ties_to_the_smaller_and_flags_an_edge():
     rows = [{"stage": "tune", "config": c, "lr": lr, "seed": s, "final_heldout": score + 0.001 * (s - 100)}
             for c, scores in (("loop-k4", (0.50, 0.55, 0.55)), ("rloo-k4", (0.6, 0.5, 0.4)))
