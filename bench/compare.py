@@ -408,8 +408,8 @@ def report(results: str = "runs/compare/results") -> Path:
         plot_lr(table, folder / "compare_lr.png", tuned)
         curves = read_csv(folder / "compare_curves.csv")
         if stats["held"]:  # a configuration has 2 seeds somewhere
-            plot_training_reward(curves, [("color", c) for c in ("reinforce-k1", "rloo-k4", "ppo-k1")],
-                                 folder / "compare_fig2.png")  # fmt: skip
+            fig2 = [("color", c) for c in ("reinforce-k1", "rloo-k4", "ppo-k1")]
+            plot_curves(curves, fig2, folder / "compare_fig2.png")
             plot_figure3(curves, folder / "compare_fig3.png")
             plot_intervals(stats, folder / "compare_intervals.png")
     print((folder / "compare.md").read_text())
@@ -511,7 +511,12 @@ def _curve(curves: list[dict], config: str, task: str, key: str) -> tuple[np.nda
     return epochs, values
 
 
-def plot_training_reward(curves: list[dict], lines: list[tuple], path: Path, ax=None) -> None:
+CURVE_LABELS = {"train_reward": "training reward", "heldout": "held-out score (EMA)"}
+
+
+def plot_curves(curves: list[dict], lines: list[tuple], path: Path, ax=None,
+                key: str = "train_reward") -> None:  # fmt: skip
+    """Mean and 80% prediction interval over seeds of one curve column, per (task, configuration)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -521,30 +526,35 @@ def plot_training_reward(curves: list[dict], lines: list[tuple], path: Path, ax=
     if own:
         fig, ax = plt.subplots(figsize=(5.5, 4), constrained_layout=True)
     for (task, config), color in zip(lines, plt.cm.tab10.colors):
-        epochs, values = _curve(curves, config, task, "train_reward")
+        epochs, values = _curve(curves, config, task, key)
         if len(values) < 2:
             continue
         mean, low, high = prediction_band(values)
-        ax.plot(epochs, mean, color=color, label=f"{config} ({len(values)} seeds)")
+        ax.plot(epochs, mean, color=color, label=f"{config} ({len(values)} seeds)",
+                marker="." if key != "train_reward" else None)  # fmt: skip
         ax.fill_between(epochs, low, high, color=color, alpha=0.2, linewidth=0)
-    ax.set(xlabel="epoch (64 images each)", ylabel="training reward")
+    ax.set(xlabel="epoch (64 images each)", ylabel=CURVE_LABELS[key])
     ax.legend(fontsize=8)
     if own:
-        ax.set_title("training reward: mean and 80% prediction interval over seeds", fontsize=9)
+        ax.set_title(
+            f"{CURVE_LABELS[key]}: mean and 80% prediction interval over seeds", fontsize=9
+        )
         fig.savefig(path, dpi=120)
         plt.close(fig)
 
 
 def plot_figure3(curves: list[dict], path: Path) -> None:
+    """PPO K=1 vs LOOP K=4 per task: the training reward (the paper's y-axis, top) and the held-out
+    score of the EMA weights every 4 epochs (what the verdicts use, bottom)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
-    for ax, task in zip(axes, TASKS):
-        plot_training_reward(curves, [(task, "ppo-k1"), (task, "loop-k4")], path, ax=ax)
-        ax.set_title(task)
-    fig.suptitle(
-        "PPO K=1 vs LOOP K=4: training reward, mean and 80% prediction interval over seeds"
-    )
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), constrained_layout=True)
+    for column, task in enumerate(TASKS):
+        for row, key in enumerate(CURVE_LABELS):
+            ax = axes[row, column]
+            plot_curves(curves, [(task, "ppo-k1"), (task, "loop-k4")], path, ax=ax, key=key)
+            ax.set_title(f"{task}: {CURVE_LABELS[key]}", fontsize=10)
+    fig.suptitle("PPO K=1 vs LOOP K=4: mean and 80% prediction interval over seeds")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
