@@ -458,7 +458,7 @@ def aggregates(runs_rows: list[dict]) -> dict:
 
 
 def evaluation_sections(runs_rows: list[dict], stats: dict) -> list[str]:
-    lines = ["", "## Stage 2: final scores, IQM with 95% stratified-bootstrap intervals", ""]
+    lines = ["", "## Stages 2 and 3: final scores, IQM with 95% stratified-bootstrap intervals", ""]
     body = []
     for task, held in stats["held"].items():
         for c, interval in held.items():
@@ -473,7 +473,7 @@ def evaluation_sections(runs_rows: list[dict], stats: dict) -> list[str]:
               "held-out (EMA) IQM [95% CI]",
               "training reward, last 10 epochs, IQM [95% CI]",
               f"runs reaching untrained + {THRESHOLD_GAIN}", "images to reach it (median)"]  # fmt: skip
-    lines += [markdown_table(header, body), "## Runs so far (final held-out, EMA, per seed)", ""]
+    lines += [markdown_table(header, body), "## Runs (final held-out, EMA, per seed)", ""]
     per_seed = []
     for task, configs in TASKS.items():
         for c in configs:
