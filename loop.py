@@ -78,9 +78,11 @@ from tqdm import tqdm
 
 import loop_utils
 from loop_utils import (  # the plumbing: input checks, run folder, distributed set-up
+    NonFinite,
     UsageError,
     append_metrics,
     check_finite,
+    check_finite_sample,
     config_docs,
     held_out_path,
     load_checkpoint,
@@ -153,9 +155,9 @@ class Config:
     normalize_advantage: str = "auto"
     """off | batch | group-std (GRPO-style) | auto = the paper's choice per algorithm"""
     inner_epochs: int = 1
-    """passes over each rollout (ppo/loop; reinforce/rloo are on-policy: 1); in [1, inf)"""
+    """passes over each rollout (reinforce/rloo: > 1 update reuses stale samples); in [1, inf)"""
     minibatch: int = 0
-    """samples per optimizer step, all ranks (0: rollout if on-policy, else half); in [0, inf)"""
+    """samples per optimizer step, all ranks (0: rollout if reinforce/rloo, else half); in [0, inf)"""
     micro_batch: int = 32
     """samples per forward/backward on a rank (gradient accumulation, in samples); in [1, inf)"""
     min_train_sigma: float = 0.5
@@ -358,6 +360,7 @@ def rollout(
         cond = encode_prompts(models.tokenizer, models.text_encoder, chunk).float()  # (n, L, D)
         x_T_rows = x_T[rows].to(models.device)
         latents, log_probs = sample_trajectories(policy, cond, x_T_rows, step_noise[rows])
+        check_finite_sample(latents, log_probs)  # else the reward would be blamed
         images = decode_images(models.vae, latents[:, -1])  # (n, 3, H, W)
         scores.append(score_images(reward_fn, images, chunk))
         parts.append((latents, log_probs, cond, images.cpu()))  # training needs no image
@@ -635,10 +638,7 @@ def train_on_rollout(policy: Policy, batch: Rollout, advantage, cfg: Config, opt
         scaler.unscale_(optimizer)  # fp16: true units before the clip (a no-op otherwise)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if not torch.isfinite(grad_norm) and not scaler.is_enabled():
-            raise UsageError(
-                "non-finite LoRA gradient: lower --lr or check the reward (the "
-                "last checkpoint is intact; continue with --resume)"
-            )
+            raise NonFinite("the LoRA gradient", optimizer.state != {})  # (state: updated)
         scaler.step(optimizer)  # fp16: skipped (and the scale halved) when it overflowed
         scaler.update()
         if torch.isfinite(grad_norm):
@@ -655,6 +655,7 @@ def check_first_ratio(models: Models, policy: Policy, prompts, steps: list[int],
     x_T, step_noise = draw_noise(generator, len(prompts), T, models.latent_shape)
     cond = encode_prompts(models.tokenizer, models.text_encoder, prompts).float()  # (n, L, D)
     latents, log_probs = sample_trajectories(policy, cond, x_T.to(models.device), step_noise)
+    check_finite_sample(latents, log_probs)
     batch, rows = Rollout(latents, log_probs, cond, torch.zeros(0)), slice(None)
     # log rho_t = log pi_theta(x_{t-1} | x_t, c) - log pi_old(x_{t-1} | x_t, c)
     log_ratios = [rescore(policy, batch, rows, j)[0].detach() - log_probs[:, j] for j in steps]
@@ -768,9 +769,26 @@ def main(cfg: Config) -> Path:
     torch.set_flush_denormal(True)
     sizes = check_config(cfg, world)
     model_path = resolve_model_path(cfg.model)
+    loop_utils.check_num_steps(cfg.num_steps, model_path)
     reward_name, train_prompts, eval_prompts = resolve_reward_and_prompts(cfg, model_path)
+    prompts = {"training": train_prompts, "held-out": eval_prompts}
+    loop_utils.check_prompts(model_path, reward_name, prompts)
     run = run_folder(cfg)
     show = rank == 0  # rank 0 prints and writes
+    with loop_utils.claimed(run, fresh=not cfg.resume, writer=show):  # locked, writable
+        try:
+            return train(cfg, run, rank, world, device, sizes, model_path, reward_name,
+                         train_prompts, eval_prompts)  # fmt: skip
+        except NonFinite as error:  # the epoch that failed is the checkpoint's next one
+            epoch = loop_utils.checkpoint_epoch(run) or 0
+            advice = loop_utils.non_finite_advice(error, cfg, epoch, epoch > 0 or error.args[1])
+            raise UsageError(advice) from None
+
+
+def train(cfg: Config, run: Path, rank: int, world: int, device, sizes: dict, model_path: str,
+          reward_name: str, train_prompts: list[str], eval_prompts: list[str]) -> Path:  # fmt: skip
+    """main's run in its claimed folder: load, optimise in a loop, log, save."""
+    show = rank == 0
     if show:
         print("config:", json.dumps(dataclasses.asdict(cfg)))
         print("derived:", json.dumps(sizes))
@@ -805,6 +823,8 @@ def main(cfg: Config) -> Path:
     if cfg.resume:
         start_epoch = load_checkpoint(run, models.unet, optimizer, ema, scaler)
         if show:
+            if not (run / "metrics.jsonl").is_file():
+                print(f"warning: {run}/metrics.jsonl is gone: rows from epoch {start_epoch + 1} on")
             truncate_metrics(run, start_epoch + 1)
             print(f"resumed {run} at epoch {start_epoch}")
     check_first_ratio(models, policy, eval_prompts[:micro], steps, show)
@@ -882,16 +902,23 @@ def cli(**flags) -> None:
         return
     try:
         main(config_from_flags(flags))
+    except loop_utils.Interrupted as error:
+        print(error, file=sys.stderr)
+        sys.exit(130)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        message = "interrupted: the last checkpoint is intact; continue with --resume RUN"
-        print(message, file=sys.stderr)
+    except KeyboardInterrupt:  # before the run folder was claimed
+        print("interrupted before the run started: nothing was written", file=sys.stderr)
         sys.exit(130)
 
 
 if __name__ == "__main__":
     import fire
 
+    try:  # fire would read `--lr` alone as 1.0 and reject a stray word only after the run
+        loop_utils.check_argv(sys.argv[1:], typing.get_type_hints(Config))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     fire.Fire(cli)

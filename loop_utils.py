@@ -5,7 +5,10 @@ so these names are also reachable as loop.<name>, as the tests, scripts and note
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import inspect
 import itertools
 import json
@@ -14,6 +17,9 @@ import os
 import pickle
 import random
 import re
+import shutil
+import signal
+import socket
 import time
 import typing
 import zipfile
@@ -34,6 +40,39 @@ CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex") 
 
 class UsageError(Exception):
     """Bad input: printed as one line naming the problem and the fix; exit code 2."""
+
+
+class WriteFault(UsageError):
+    """A file of the run folder could not be written (full disk, read-only, quota): one line."""
+
+
+class NonFinite(Exception):
+    """A sample, log-prob or gradient is inf/NaN; main turns it into advice that fits the cause."""
+
+
+def check_finite_sample(latents, log_probs) -> None:
+    if not (torch.isfinite(latents).all() and torch.isfinite(log_probs).all()):
+        raise NonFinite("the sampler's latents or log-probs", False)
+
+
+def non_finite_advice(error: NonFinite, cfg, epoch: int, updated: bool) -> str:
+    """Why it went non-finite, and what to do, from whether any update has happened yet."""
+    if not updated:  # the untrained model: the sampling settings or the model itself
+        return (
+            f"{error.args[0]} are non-finite before any update: --guidance_scale {cfg.guidance_scale:g} "
+            f"or --eta {cfg.eta:g} overflows the sampler (or --model holds inf/NaN weights); "
+            "pass a smaller --guidance_scale (the default is 5)"
+        )
+    smaller = min(cfg.lr / 4, type(cfg).lr)  # at most the default
+    return (
+        f"{error.args[0]} became non-finite in epoch {epoch + 1}: the LoRA weights diverged at --lr "
+        f"{cfg.lr:g}; start a new run with a smaller one (e.g. --lr {smaller:g}) and another "
+        "--out (this folder keeps its last checkpoint)"
+    )
+
+
+class Interrupted(UsageError):
+    """Ctrl-C or SIGTERM: one line saying what was kept and how to go on; exit code 130."""
 
 
 def one_line(error: BaseException) -> str:
@@ -75,9 +114,7 @@ def check_config(cfg, world: int, algos: tuple) -> dict:
         raise UsageError(f"--images_per_epoch: need a multiple of K x ranks = {cfg.k * world}")
     on_policy = cfg.algo in ("reinforce", "rloo")
     default = cfg.images_per_epoch if on_policy else max(world, cfg.images_per_epoch // 2)
-    minibatch = cfg.minibatch or default
-    if on_policy and (minibatch != cfg.images_per_epoch or cfg.inner_epochs != 1):
-        raise UsageError(f"--algo {cfg.algo} is on-policy: leave --minibatch, --inner_epochs unset")
+    minibatch = cfg.minibatch or default  # reinforce/rloo given more: stale samples, no ratio
     per_rank = minibatch // world
     micro = min(cfg.micro_batch, per_rank)
     if minibatch % world or cfg.images_per_epoch % minibatch or per_rank % micro:
@@ -95,6 +132,8 @@ def check_config(cfg, world: int, algos: tuple) -> dict:
         "micro_batch": micro,
         "grad_accumulation": per_rank // micro,
         "updates_per_epoch": cfg.inner_epochs * cfg.images_per_epoch // minibatch,
+        "off_policy_without_ratio": on_policy
+        and cfg.inner_epochs * cfg.images_per_epoch > minibatch,
     }
 
 
@@ -163,6 +202,53 @@ def resolve_reward_and_prompts(cfg, model_path: str):
     return reward, train_prompts, held_out_prompts
 
 
+def check_prompts(model_path: str, reward: str, prompts: dict[str, list[str]]) -> None:
+    """Every prompt fits the text encoder (its tokens beyond the limit would be cut for the model
+    while the reward scores the whole prompt) and, for the shapes world's judges, names only things
+    of that world. prompts: what -> its prompts."""
+    from transformers import AutoTokenizer
+
+    try:
+        local = Path(model_path).is_dir()
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path, subfolder="tokenizer", local_files_only=local
+        )
+    except (OSError, ValueError):
+        return  # load_models says what is wrong with the model
+    limit = tokenizer.model_max_length
+    for what, texts in prompts.items():
+        for n, text in enumerate(dict.fromkeys(texts), 1):
+            if (count := len(tokenizer(text, verbose=False).input_ids)) > limit:
+                raise UsageError(
+                    f"{what} prompt {text[:40]!r}... has {count} tokens, more than the text "
+                    f"encoder's {limit}: the model would see only its start while the reward "
+                    "scores all of it; shorten it"
+                )
+            if reward.startswith("shapes_"):
+                import shapes_world
+
+                try:
+                    shapes_world.parse_prompt(text)
+                except ValueError as error:
+                    raise UsageError(
+                        f"{what} prompt {n} is not one the shapes world's judge can score: "
+                        f"{one_line(error).split(' in phrase ')[0]} (known words: colors "
+                        f"{', '.join(shapes_world.COLORS)}; shapes {', '.join(shapes_world.SHAPES)})"
+                    ) from None
+
+
+def check_num_steps(num_steps: int, model_path: str) -> None:
+    """--num_steps at most the scheduler's training timesteps (a local folder's config)."""
+    config = Path(model_path, "scheduler", "scheduler_config.json")
+    if config.is_file():
+        steps = json.loads(config.read_text()).get("num_train_timesteps", 1000)
+        if num_steps > steps:
+            raise UsageError(
+                f"--num_steps {num_steps}: the model's scheduler has {steps} training "
+                f"timesteps; pass --num_steps <= {steps}"
+            )
+
+
 def reward_options(reward: str, prompt_dir: str, given: str = "") -> dict:
     """rewards.load_reward's options: --reward_options (JSON, checked against the names the
     reward's loader takes), and for complex CompBench's route lists in --prompt_dir."""
@@ -197,10 +283,18 @@ def load_rewards(name: str, options: dict, device: torch.device):
         ) from None
 
 
+LOCK = "run.lock"  # held (flock) by the one process that trains the folder; says who it is
+RUN_FILES = ("config.json", "metrics.jsonl", "samples", "lora", "checkpoint", LOCK)
+
+
 def run_folder(cfg) -> Path:
     """--resume DIR, --out DIR or runs/<algo>-<reward>-k<K>-<time>; never over another run."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = Path(cfg.resume or cfg.out or f"runs/{cfg.algo}-{cfg.reward}-k{cfg.k}-{stamp}")
+    if holder := lock_holder(run):
+        raise UsageError(
+            f"{run} is being trained by {holder}; wait for it to end or pass another --out"
+        )
     if not cfg.resume and (run / "checkpoint").exists():
         raise UsageError(f"--out {run} holds a run; pass --resume {run} or another --out")
     if not (existing := next(f for f in (run, *run.parents) if f.exists())).is_dir():
@@ -208,9 +302,138 @@ def run_folder(cfg) -> Path:
     return run
 
 
+def lock_holder(run: Path) -> str | None:
+    """Who holds the run folder's lock ('pid N on HOST since T'), or None if no one does."""
+    try:
+        with open(run / LOCK) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return lock.read().strip() or "another process"
+    except OSError:  # no lock file: no run ever trained here
+        return None
+    return None
+
+
+def checkpoint_epoch(run: Path) -> int | None:
+    """The epoch checkpoint/state.pt continues from; None if there is none (or it is unreadable)."""
+    try:
+        state = torch.load(run / "checkpoint" / "state.pt", weights_only=False, map_location="cpu")
+        return int(state["next_epoch"])
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError):
+        return None
+
+
+def resume_advice(run: Path) -> str:
+    """What was kept and the command that continues, true of the folder as it is now."""
+    epoch = checkpoint_epoch(run)
+    if epoch is None:
+        return "no checkpoint was written, so there is nothing to resume: run the command again"
+    return (
+        f"the checkpoint of epoch {epoch} is intact; continue with: python loop.py --resume {run}"
+    )
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, a scheduler's stop) ends as Ctrl-C does
+
+
+@contextlib.contextmanager
+def claimed(run: Path, fresh: bool, writer: bool = True):
+    """The run folder for this process alone, for the whole run: created (checked writable before
+    any model loads), locked (a second process on it stops with who holds it), cleared of
+    temporary files a kill left. A fresh run that ends before its first checkpoint leaves nothing;
+    a write error, Ctrl-C or SIGTERM ends in one line that says what was kept."""
+    if not writer:  # ranks > 0 write nothing
+        yield run
+        return
+    existed = {name for name in RUN_FILES if (run / name).exists()}
+    created = not run.exists()
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        lock = open(run / LOCK, "a+")  # noqa: SIM115 (held open for the whole run)
+    except OSError as error:
+        raise UsageError(f"--out {run} is not writable ({error.strerror}); pass another") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UsageError(
+            f"{run} is being trained by {holder}; wait for it to end or pass another --out"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}")
+    lock.flush()
+    for stale in run.rglob("*.tmp[0-9]*"):  # left by a kill mid-write; ours alone now
+        stale.unlink(missing_ok=True)
+    previous = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):  # (not the main thread: no handler)
+        signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield run
+    except (KeyboardInterrupt, WriteFault) as error:
+        kept = resume_advice(run)
+        if fresh and checkpoint_epoch(run) is None:
+            remove_new_files(run, existed, created)
+            kept = "nothing was kept (no checkpoint yet; the folder is removed): run it again"
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
+        kind = Interrupted if isinstance(error, KeyboardInterrupt) else WriteFault
+        raise kind(f"{what}: {kept}") from None
+    except BaseException:
+        if fresh and checkpoint_epoch(run) is None:
+            remove_new_files(run, existed, created)
+        raise
+    finally:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, previous)
+        lock.close()
+
+
+def remove_new_files(run: Path, existed: set, created: bool) -> None:
+    """Undo a fresh run that ended before its first checkpoint: what it wrote, no more."""
+    for name in set(RUN_FILES) - existed:
+        path = run / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if created:
+        with contextlib.suppress(OSError):
+            run.rmdir()  # only if empty
+
+
 # === Command line: --flags as a Config. A resume may change how long the run goes, how often it
 # is scored and where it runs; any other flag would make it another experiment than config.json says
 RESUMABLE = ("resume", "epochs", "eval_every", "eval_raw", "micro_batch", "device")
+
+
+def check_argv(argv: list[str], names, positional: int = 0) -> None:
+    """The command line as typed, checked before fire reads it (fire would take `--lr` alone as
+    lr = 1.0, keep the last of two `--epochs`, and reject a stray word only after the whole run):
+    every flag is a known name with one value, given once; at most `positional` bare words."""
+    seen, words, i = {}, [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token in ("--help", "-h"):
+            return
+        if not token.startswith("--") or token == "--":
+            words.append(token)
+            i += 1
+            continue
+        name, has_value, value = token[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in names:
+            raise UsageError(f"unknown flag --{name}; see --help for the flags")
+        if not has_value:
+            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                raise UsageError(f"--{name} needs a value (--{name} VALUE); see --help")
+            value, i = argv[i + 1], i + 1
+        if name in seen:
+            raise UsageError(f"--{name} given twice ({seen[name]!r}, {value!r}); give it once")
+        seen[name] = value
+        i += 1
+    if len(words) > positional:
+        extra = " ".join(words[positional:])
+        raise UsageError(f"unexpected argument(s) {extra!r}; flags are --name value (see --help)")
 
 
 def parse_flag(name: str, value, kind: type):
@@ -238,6 +461,8 @@ def config_from_flags(flags: dict, config_class):
     if not given.get("resume"):
         return config_class(**given)
     run = Path(given["resume"])
+    if holder := lock_holder(run):
+        raise UsageError(f"{run} is being trained by {holder}; wait for it to end")
     state = run / "checkpoint" / "state.pt"
     if not (run / "config.json").is_file() or not state.is_file():
         raise UsageError(f"--resume {run}: no config.json and checkpoint/ there; pass a run")
@@ -249,6 +474,14 @@ def config_from_flags(flags: dict, config_class):
         raise UsageError(f"--resume {run}: config.json is not JSON ({error})") from None
     if stale := sorted(set(values) - set(hints)):  # written by another version of loop.py
         raise UsageError(f"--resume {run}: config.json has {stale}, unknown here; delete them")
+    for name, value in values.items():  # a hand-edited config.json: "k": "four"
+        kind = hints[name]
+        fits = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not (fits or kind is float and type(value) is int):
+            raise UsageError(
+                f"--resume {run}: config.json's {name} is {value!r}, not {kind.__name__}; "
+                "fix it there (or start a new run)"
+            )
     saved = config_class(**values)
     changed = [f"--{n}" for n, v in given.items() if n not in RESUMABLE and v != getattr(saved, n)]
     if changed:
@@ -257,7 +490,14 @@ def config_from_flags(flags: dict, config_class):
             f"--resume {run}: {', '.join(changed)} would make another experiment than its "
             f"config.json says; a resume may change only {allowed} (else start a new run)"
         )
-    return dataclasses.replace(saved, **given)
+    resumed = dataclasses.replace(saved, **given)
+    done = checkpoint_epoch(run)  # None: unreadable, which load_checkpoint says in one line
+    if done is not None and done >= resumed.epochs:
+        raise UsageError(
+            f"--resume {run}: the run has trained {done} epochs, --epochs is "
+            f"{resumed.epochs}: nothing to train; pass --epochs above {done} to go on"
+        )
+    return resumed
 
 
 # === Distributed: torchrun's ranks, the device and its precision, statistics over ranks
@@ -311,12 +551,22 @@ def atomic_write(path: Path, write) -> None:
     """Write a temporary file, then rename it: a kill mid-write never leaves a broken file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # recreated if deleted mid-run
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save on a full disk: RuntimeError
+        raise write_fault(path, error) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_fault(path: Path, error: BaseException) -> WriteFault:
+    """One line for a failed write: the file and the reason (ENOSPC: the disk is full)."""
+    full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error)
+    reason = "the disk is full" if full else one_line(error)
+    return WriteFault(f"could not write {path} ({reason})")
 
 
 def write_config(run: Path, cfg) -> None:
@@ -368,7 +618,6 @@ def save_lora(unet, folder: Path) -> Path:
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     save = StableDiffusionPipeline.save_lora_weights
     path = folder / "pytorch_lora_weights.safetensors"
-    folder.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save(tmp.parent, unet_lora_layers=state, weight_name=tmp.name))
     return path
 
@@ -383,7 +632,6 @@ def save_checkpoint(run: Path, unet, optimizer, ema: list, next_epoch: int, scal
     state = {"lora": get_peft_model_state_dict(unet), "optimizer": optimizer.state_dict()}
     state |= {"ema": ema, "next_epoch": next_epoch, "rng": rng}
     state["scaler"] = scaler.state_dict() if scaler else {}
-    (run / "checkpoint").mkdir(exist_ok=True)
     atomic_write(run / "checkpoint" / "state.pt", lambda tmp: torch.save(state, tmp))
 
 
@@ -411,12 +659,27 @@ def load_checkpoint(run: Path, unet, optimizer, ema: list, scaler=None) -> int:
 
 
 def append_metrics(run: Path, row: dict) -> None:
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    try:
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        raise write_fault(run / "metrics.jsonl", error) from None
 
 
 def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl's rows ([] if it was deleted: a resume starts it again)."""
+    if not (path := run / "metrics.jsonl").is_file():
+        return []
+    rows, lines = [], path.read_text().splitlines()
+    for n, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n + 1 < len(lines):  # only the last row can be cut short (by a full disk)
+                raise UsageError(f"{path}: line {n + 1} is not JSON; fix or delete it") from None
+    return rows
 
 
 def truncate_metrics(run: Path, next_epoch: int) -> None:
@@ -429,10 +692,14 @@ def print_summary(run: Path, reward_name: str, resolution: int) -> None:
     """The run's last lines: held-out score before -> after, the before/after grid, the LoRA."""
     evals = [r for r in read_metrics(run) if r["eval_reward_mean"] is not None]
     first, last = evals[0], evals[-1]
-    print(
-        f"held-out {reward_name}: before {first['eval_reward_mean']:.4f} -> after "
-        f"{last['eval_reward_mean']:.4f} (epoch {last['epoch']})"
-    )
-    grid = before_after_grid(run, first["epoch"], last["epoch"], resolution)
-    print(f"before/after grid: {grid}")
+    if first["epoch"] > 0:  # a resume after metrics.jsonl was deleted: the untrained row is gone
+        print(f"held-out {reward_name}: {last['eval_reward_mean']:.4f} (epoch {last['epoch']})")
+    else:
+        print(
+            f"held-out {reward_name}: before {first['eval_reward_mean']:.4f} -> after "
+            f"{last['eval_reward_mean']:.4f} (epoch {last['epoch']})"
+        )
+    if all(held_out_path(run, r["epoch"]).is_file() for r in (first, last)):
+        grid = before_after_grid(run, first["epoch"], last["epoch"], resolution)
+        print(f"before/after grid: {grid}")
     print(f"LoRA: {run / 'lora' / 'pytorch_lora_weights.safetensors'}")
