@@ -773,8 +773,8 @@ def main(cfg: Config) -> Path:
     reward_name, train_prompts, eval_prompts = resolve_reward_and_prompts(cfg, model_path)
     prompts = {"training": train_prompts, "held-out": eval_prompts}
     loop_utils.check_prompts(model_path, reward_name, prompts)
-    run = run_folder(cfg)
     show = rank == 0  # rank 0 prints and writes
+    run = run_folder(cfg, writer=show)
     with loop_utils.claimed(run, fresh=not cfg.resume, writer=show):  # locked, writable
         try:
             return train(cfg, run, rank, world, device, sizes, model_path, reward_name,

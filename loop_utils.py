@@ -287,11 +287,12 @@ LOCK = "run.lock"  # held (flock) by the one process that trains the folder; say
 RUN_FILES = ("config.json", "metrics.jsonl", "samples", "lora", "checkpoint", LOCK)
 
 
-def run_folder(cfg) -> Path:
-    """--resume DIR, --out DIR or runs/<algo>-<reward>-k<K>-<time>; never over another run."""
+def run_folder(cfg, writer: bool = True) -> Path:
+    """--resume DIR, --out DIR or runs/<algo>-<reward>-k<K>-<time>; never over another run. Only
+    the writer (rank 0) asks who holds the lock: under torchrun that is soon rank 0 itself."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = Path(cfg.resume or cfg.out or f"runs/{cfg.algo}-{cfg.reward}-k{cfg.k}-{stamp}")
-    if holder := lock_holder(run):
+    if writer and (holder := lock_holder(run)):
         raise UsageError(
             f"{run} is being trained by {holder}; wait for it to end or pass another --out"
         )

@@ -95,6 +95,7 @@ import inspect
 import io
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -991,6 +992,98 @@ def diffusers_dtype_option(dtype: torch.dtype) -> dict:
     return {"dtype" if new else "torch_dtype": dtype}
 
 
+# evaluate's numbers: flag -> (integer?, least, greatest valid value). Each must be finite, bool is
+# no number here (fire reads a bare --flag as True), and --limit may be None (every prompt).
+EVALUATE_NUMBERS = {
+    "images_per_prompt": (True, 1, math.inf),
+    "num_inference_steps": (True, 1, math.inf),
+    "limit": (True, 1, math.inf),
+    "seed": (True, 0, 2**63 - 1),  # prompt i draws from seed + i, a 64-bit torch seed
+    "guidance_scale": (False, 0, math.inf),
+    "eta": (False, 0, 1),
+}
+LORA_FIX = "pass the lora/ folder of a loop.py run"
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """'org/name', as the hub spells a repository (runs/x/lora, ./lora or /data/lora are paths)."""
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name)
+    return hub_id is not None and ".." not in name
+
+
+def check_evaluate_args(args: dict) -> None:
+    """`evaluate`'s arguments by name, checked before anything loads or is written; a bad one is a
+    ValueError naming the flag, its value and what it needs: the numbers as EVALUATE_NUMBERS says,
+    then --model, --lora and --out (`check_model_path`, `check_lora_path`, `check_out_path`)."""
+    for name, (integer, least, greatest) in EVALUATE_NUMBERS.items():
+        value = args[name]
+        if name == "limit" and value is None:
+            continue
+        number = isinstance(value, int if integer else int | float) and not isinstance(value, bool)
+        if not number or not (least <= value <= greatest and -math.inf < value < math.inf):
+            need = "an integer" if integer else "a finite number"
+            need += f" >= {least}" if greatest == math.inf else f" in [{least}, {greatest}]"
+            need = "None (every prompt) or " + need if name == "limit" else need
+            raise ValueError(f"--{name} {value!r}: need {need}")
+    for name in ("prompts", "model", "lora", "out"):  # fire hands over 2024 as an int
+        value = args[name]
+        if not (isinstance(value, str | os.PathLike) or value is None and name in ("lora", "out")):
+            raise ValueError(f"--{name} {value!r}: need a path (a string)")
+    check_model_path(str(args["model"]))
+    if args["lora"]:
+        check_lora_path(str(args["lora"]))
+    if args["out"]:
+        check_out_path(str(args["out"]))
+
+
+def check_model_path(model: str) -> None:
+    """A local --model is a diffusers pipeline folder (model_index.json); a hub id is diffusers'."""
+    fix = "pass a pipeline folder (save_pretrained's, with model_index.json) or a hub id"
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise ValueError(f"--model {model}: that folder has no model_index.json; {fix}")
+    elif os.path.exists(model):
+        raise ValueError(f"--model {model} is a file; {fix}")
+    elif not looks_like_hub_id(model):
+        raise ValueError(f"--model {model}: no such folder, nor a hub id (org/name); {fix}")
+
+
+def check_lora_path(lora: str) -> None:
+    """A local --lora is weights that diffusers' load_lora_weights reads: a folder with a
+    *.safetensors or pytorch_lora_weights.* file, or a .safetensors/.bin file (hub ids: its own)."""
+    path = Path(lora)
+    if path.is_dir():
+        if not [*path.glob("*.safetensors"), *path.glob("pytorch_lora_weights.*")]:
+            raise ValueError(
+                f"--lora {lora}: no LoRA weights (*.safetensors) in that folder; {LORA_FIX}"
+            )
+    elif path.exists():
+        if path.suffix not in (".safetensors", ".bin"):
+            raise ValueError(
+                f"--lora {lora}: not a LoRA weights file (.safetensors, .bin); {LORA_FIX}"
+            )
+    elif not looks_like_hub_id(lora):
+        raise ValueError(f"--lora {lora}: no such file or folder; {LORA_FIX}")
+
+
+def check_out_path(out: str) -> None:
+    """--out is a file that can be written: no folder, and its folder (made only after the
+    evaluation) can be created there. Creates nothing."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(
+            f"--out {out} is a folder; pass a file path such as {path / 'scores.json'}"
+        )
+    folder = path.absolute().parent
+    while not folder.exists():  # the nearest folder that exists: the missing ones are made in it
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is a file, so no folder can be made there")
+    target = path if path.exists() else folder
+    if not os.access(target, os.W_OK | (0 if target is path else os.X_OK)):
+        raise ValueError(f"--out {out}: {target} is not writable; pass a path you can write")
+
+
 def read_prompt_file(path: str, limit: int | None = None) -> list[str]:
     """Non-empty stripped lines of a prompt file (the first `limit` of them)."""
     prompts = [line.strip() for line in Path(path).read_text().splitlines()]
@@ -1042,14 +1135,18 @@ def evaluate(
     file's folder when it has them (`load_complex`). Prints the mean; `out` gets the settings and the
     per-prompt scores as JSON.
     """
+    check_evaluate_args(locals())  # bad input fails here: before any model loads, nothing written
     from tqdm import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU here; use --device cpu")
+    pipe_dtype = resolve_dtype(device, dtype)
     reward = resolve_reward_name(model, reward)
     options = evaluation_options(reward, prompts, reward_model, reward_options)
-    reward_fn = load_reward(reward, device=device, dtype=reward_dtype, **options)
     prompt_list = read_prompt_file(prompts, limit)
-    pipe = load_pipeline(model, lora, device, resolve_dtype(device, dtype))
+    reward_fn = load_reward(reward, device=device, dtype=reward_dtype, **options)
+    pipe = load_pipeline(model, lora, device, pipe_dtype)
     sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
     sampling["eta"] = eta
     results, start = [], time.time()
@@ -1084,7 +1181,38 @@ def evaluate_command(*args, **flags) -> float:
         sys.exit(2)
 
 
+def check_command_line(argv: list[str]) -> None:
+    """`python rewards.py ARGV` as typed, before fire reads it (fire would take `--lora` alone as
+    True, keep the last of two --seed, and reject a typo, --lorra x, or a stray word only after the
+    whole evaluation): the command is evaluate, then loop_utils.check_argv's rules with PROMPTS and
+    REWARD as the only bare words. Raises loop_utils.UsageError."""
+    import loop_utils  # here, not at the top: loop_utils imports rewards
+
+    if argv[:1] not in (["evaluate"], ["--help"], ["-h"]):
+        given = f" (got {argv[0]!r})" if argv else ""
+        usage = "python rewards.py evaluate PROMPTS REWARD [--flag VALUE ...]"
+        raise loop_utils.UsageError(f"the only command is evaluate{given}: {usage}")
+    argv, names = argv[1:], inspect.signature(evaluate).parameters
+    for before, token in zip(["", *argv], argv):  # fire reads -word as a flag, check_argv a word
+        if re.match("-[a-zA-Z]", token) and token != "-h":  # -s: fire's short --seed, unchecked
+            short = [name for name in names if re.match(f"-{name[0]}(=|$)", token)]
+            fix = f"write --{short[0]}" if len(short) == 1 else "flags take two dashes (--name)"
+            if before.startswith("--") and "=" not in before:  # a value such as -inf
+                fix = f"write {before}={token}"
+            raise loop_utils.UsageError(f"{token}: fire would read it as a flag; {fix}")
+    flags = {token[2:].partition("=")[0].replace("-", "_") for token in argv if token[:2] == "--"}
+    words = 0 if "prompts" in flags else 1 if "reward" in flags else 2  # PROMPTS REWARD, in order
+    loop_utils.check_argv(argv, names, words)
+
+
 if __name__ == "__main__":
     import fire
 
+    import loop_utils  # here, not at the top: loop_utils imports rewards
+
+    try:
+        check_command_line(sys.argv[1:])
+    except loop_utils.UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     fire.Fire({"evaluate": evaluate_command})

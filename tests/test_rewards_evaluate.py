@@ -8,6 +8,7 @@ like a real model folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -244,3 +245,182 @@ def test_evaluate_command_bad_options_are_one_line(case, tiny_sd, prompt_file, t
     lines = run.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and expected in lines[-1], lines[-3:]
     assert "Traceback" not in run.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every bad input: one line (`error: ...`), exit code 2, checked before anything loads, nothing written
+# ----------------------------------------------------------------------------------------------------
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+def make_inputs(tmp: Path) -> dict[str, str]:
+    """The placeholders of the bad-input tables: folders and files that are no model, LoRA or --out."""
+    (tmp / "empty").mkdir()
+    (tmp / "lora-config-only").mkdir()
+    (tmp / "lora-config-only" / "adapter_config.json").write_text("{}")
+    (tmp / "notes.txt").write_text("no weights\n")
+    return {"tmp": str(tmp), "out": str(tmp / "scores.json")}
+
+
+# fire took `--lora` alone as True, kept the last of two --seed, and rejected a typo or a stray word
+# only after the whole evaluation (printing its score first); the command line is checked first now
+CLI_BAD_INPUTS = {
+    "typo flag": ("{prompts} jpeg_compressibility --lorra x", "unknown flag --lorra"),
+    "valueless flag at the end": ("{prompts} jpeg_compressibility --lora", "--lora needs a value"),
+    "valueless flag before a flag": (
+        "{prompts} jpeg_compressibility --images_per_prompt --eta 0",
+        "--images_per_prompt needs a value",
+    ),
+    "repeated flag": ("{prompts} jpeg_compressibility --eta 0 --eta 1", "--eta given twice"),
+    "stray word": ("{prompts} jpeg_compressibility stray", "unexpected argument(s) 'stray'"),
+    "stray word after --prompts": (
+        "--prompts {prompts} --reward jpeg_compressibility stray",
+        "unexpected argument(s) 'stray'",
+    ),
+    "one-dash typo flag": ("{prompts} jpeg_compressibility -lorra x", "-lorra: fire would read"),
+    "one-dash value": (
+        "{prompts} jpeg_compressibility --guidance_scale -inf",
+        "write --guidance_scale=-inf",
+    ),
+    "no such command": ("{prompts} jpeg_compressibility", "the only command is evaluate"),
+    "numbers: --images_per_prompt 0": (
+        "{prompts} jpeg_compressibility --images_per_prompt 0",
+        "--images_per_prompt 0: need an integer >= 1",
+    ),
+    "numbers: --guidance_scale nan": (
+        "{prompts} jpeg_compressibility --guidance_scale nan",
+        "--guidance_scale 'nan': need a finite number >= 0",
+    ),
+    "empty --lora folder": ("{prompts} jpeg_compressibility --lora {tmp}/empty", "no LoRA weights"),
+    "--out a folder": ("{prompts} jpeg_compressibility --out {tmp}/empty", "is a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_BAD_INPUTS))
+def test_evaluate_command_line_bad_input(case, tiny_sd, prompt_file, tmp_path):
+    """Through the real command: exit 2, one `error:` line naming the problem, nothing written."""
+    words, expected = CLI_BAD_INPUTS[case]
+    names = make_inputs(tmp_path) | {"prompts": str(prompt_file)}
+    args = [word.format(**names) for word in words.split()]
+    args += ["--model", str(tiny_sd), "--device", "cpu", "--num_inference_steps", "1"]
+    args += [] if "--out" in args else ["--out", names["out"]]  # a run that goes ahead writes it
+    command = "evaluat" if case == "no such command" else "evaluate"
+    before = files_under(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "rewards.py", command, *args], check=False, cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines[-3:]
+    assert "Traceback" not in run.stderr and "mean" not in run.stdout
+    assert files_under(tmp_path) == before and not Path(names["out"]).exists()
+
+
+# evaluate's own checks: keyword -> bad value ({tmp}: the test's folder, see make_inputs), and the
+# words of the one line that must name it
+BAD_INPUTS = {
+    "images_per_prompt 0": (
+        {"images_per_prompt": 0},
+        "--images_per_prompt 0: need an integer >= 1",
+    ),
+    "images_per_prompt -2": ({"images_per_prompt": -2}, "--images_per_prompt -2: need an integer"),
+    "images_per_prompt True": ({"images_per_prompt": True}, "--images_per_prompt True: need an"),
+    "images_per_prompt 2.0": ({"images_per_prompt": 2.0}, "--images_per_prompt 2.0: need an"),
+    "images_per_prompt '2'": ({"images_per_prompt": "2"}, "--images_per_prompt '2': need an"),
+    "num_inference_steps 0": ({"num_inference_steps": 0}, "--num_inference_steps 0: need an"),
+    "limit 0": ({"limit": 0}, "--limit 0: need None (every prompt) or an integer >= 1"),
+    "limit -1": ({"limit": -1}, "--limit -1: need None"),
+    "limit 1.5": ({"limit": 1.5}, "--limit 1.5: need None"),
+    "guidance_scale nan": ({"guidance_scale": math.nan}, "--guidance_scale nan: need a finite"),
+    "guidance_scale inf": ({"guidance_scale": math.inf}, "--guidance_scale inf: need a finite"),
+    "guidance_scale -1": ({"guidance_scale": -1.0}, "--guidance_scale -1.0: need a finite number"),
+    "guidance_scale 'nan'": ({"guidance_scale": "nan"}, "--guidance_scale 'nan': need a finite"),
+    "eta -0.1": ({"eta": -0.1}, "--eta -0.1: need a finite number in [0, 1]"),
+    "eta 1.5": ({"eta": 1.5}, "--eta 1.5: need a finite number in [0, 1]"),
+    "eta nan": ({"eta": math.nan}, "--eta nan: need a finite number in [0, 1]"),
+    "eta True": ({"eta": True}, "--eta True: need a finite number"),
+    "seed -1": ({"seed": -1}, "--seed -1: need an integer in [0, "),
+    "seed 2**64": ({"seed": 2**64}, f"--seed {2**64}: need an integer in [0, "),
+    "seed 0.5": ({"seed": 0.5}, "--seed 0.5: need an integer"),
+    "model an empty folder": (
+        {"model": "{tmp}/empty"},
+        "empty: that folder has no model_index.json",
+    ),
+    "model a file": ({"model": "{tmp}/notes.txt"}, "notes.txt is a file"),
+    "model a missing path": ({"model": "{tmp}/runs/sd"}, "sd: no such folder, nor a hub id"),
+    "model an int": ({"model": 2024}, "--model 2024: need a path"),
+    "lora a missing folder": ({"lora": "{tmp}/run/lora"}, "run/lora: no such file or folder"),
+    "lora an empty folder": ({"lora": "{tmp}/empty"}, "empty: no LoRA weights"),
+    "lora without weights": ({"lora": "{tmp}/lora-config-only"}, "only: no LoRA weights"),
+    "lora not a weights file": ({"lora": "{tmp}/notes.txt"}, "notes.txt: not a LoRA weights file"),
+    "out a folder": ({"out": "{tmp}/empty"}, "empty is a folder; pass a file path"),
+    "out under a file": ({"out": "{tmp}/notes.txt/a/scores.json"}, "notes.txt is a file, so no"),
+    "prompts missing": ({"prompts": "{tmp}/missing.txt"}, "missing.txt"),
+    "dtype unknown": ({"dtype": "float64x"}, "unknown dtype 'float64x'"),
+}
+
+
+def evaluate_until_loading(monkeypatch, tiny_sd, prompt_file, **kwargs):
+    """rewards.evaluate_command with loaders that fail the test if reached: a check that runs only
+    after loading (or not at all) cannot pass."""
+
+    def loaded(*args, **options):
+        raise AssertionError("a model or reward was loaded before the bad input was rejected")
+
+    monkeypatch.setattr(rewards, "load_reward", loaded)
+    monkeypatch.setattr(rewards, "load_pipeline", loaded)
+    settings = {"prompts": str(prompt_file), "reward": "jpeg_compressibility"}
+    settings |= {"model": str(tiny_sd), "device": "cpu"}
+    return rewards.evaluate_command(**(settings | kwargs))
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_evaluate_bad_input_is_one_line_before_loading(
+    case, tiny_sd, prompt_file, tmp_path, monkeypatch, capsys
+):
+    given, expected = BAD_INPUTS[case]
+    names = make_inputs(tmp_path)
+    given = {k: v.format(**names) if isinstance(v, str) else v for k, v in given.items()}
+    out = {"out": names["out"]} if "out" not in given else {}
+    before = files_under(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        evaluate_until_loading(monkeypatch, tiny_sd, prompt_file, **given, **out)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert files_under(tmp_path) == before and not Path(names["out"]).exists()
+
+
+def test_evaluate_out_in_a_folder_that_cannot_be_written(
+    tiny_sd, prompt_file, tmp_path, monkeypatch, capsys
+):
+    """(Tests run as root here, where every folder is writable: os.access stands in for the OS.)"""
+    out = tmp_path / "new" / "scores.json"
+    monkeypatch.setattr(rewards.os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(SystemExit):
+        evaluate_until_loading(monkeypatch, tiny_sd, prompt_file, out=str(out))
+    assert f"{tmp_path} is not writable" in capsys.readouterr().err
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_evaluate_cuda_without_a_gpu(tiny_sd, prompt_file, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_until_loading(monkeypatch, tiny_sd, prompt_file, device="cuda")
+    assert "--device cuda: no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_evaluate_checks_let_good_input_through(tiny_sd, prompt_file, tmp_path, monkeypatch):
+    """Edge values, hub ids and real LoRA weights pass the checks and reach the loaders."""
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (tmp_path / "lora.bin").write_bytes(b"")
+    edges = {"images_per_prompt": 1, "num_inference_steps": 1, "seed": 2**63 - 1, "limit": 1}
+    edges |= {"guidance_scale": 0, "eta": 1.0, "out": str(tmp_path / "new" / "scores.json")}
+    for lora in (None, "org/a-lora", str(tmp_path / "lora"), str(tmp_path / "lora.bin")):
+        with pytest.raises(AssertionError, match="was loaded before"):
+            evaluate_until_loading(monkeypatch, tiny_sd, prompt_file, lora=lora, **edges)
+    with pytest.raises(AssertionError, match="was loaded before"):
+        evaluate_until_loading(monkeypatch, tiny_sd, prompt_file, model="org/a-pipeline")
+    assert not (tmp_path / "new").exists()
