@@ -99,6 +99,22 @@ def test_leave_one_out_advantage_matches_explicit_loop():
     torch.testing.assert_close(advantage.sum(dim=1), torch.zeros(5), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_ppo_advantage_is_grpos_and_loops_is_dr_grpos_times_k_over_k_minus_1(k):
+    """With K > 1 and --normalize_advantage auto, `ppo`'s advantage is GRPO's, (r_i - mean) / std
+    over the prompt's K rewards (population std), and `loop`'s is the mean-centred (Dr. GRPO) form
+    r_i - mean times K / (K - 1): r_i - b_i = r_i - (K mean - r_i) / (K - 1) = K / (K - 1) (r_i - mean)."""
+    reward = torch.rand(5, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    mean = reward.mean(dim=1, keepdim=True)
+    std = reward.std(dim=1, keepdim=True, unbiased=False)
+    grpo = (reward - mean) / std
+    dr_grpo = reward - mean
+    ppo = loop.compute_advantages("ppo", reward, "auto", adv_clip=0)
+    ours = loop.compute_advantages("loop", reward, "auto", adv_clip=0)
+    torch.testing.assert_close(ppo, grpo.flatten(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours, (k / (k - 1) * dr_grpo).flatten(), rtol=1e-12, atol=1e-12)
+
+
 def test_advantage_branches_and_normalisation():
     reward = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])  # second prompt: std 0
     assert torch.equal(loop.compute_advantages("reinforce", reward, "off", 0), reward.flatten())

@@ -1,0 +1,31 @@
+"""The README's quickstart numbers are measured, not typed: its block is what docs/quickstart.json
+renders, and today's default run still starts as the run that measured them did."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+import quickstart
+
+
+def test_readme_quotes_the_recorded_quickstart_numbers():
+    record = json.loads(quickstart.RECORD.read_text())
+    text = quickstart.README.read_text()
+    block = text.split(quickstart.BEGIN)[1].split(quickstart.END)[0].strip()
+    assert block == quickstart.render(record), "rerun: python scripts/quickstart.py --write"
+
+
+def test_the_default_run_still_starts_as_the_recorded_one(tmp_path):
+    """The first epochs of seed 0 at one thread: a change that moves the default moves these."""
+    record = json.loads(quickstart.RECORD.read_text())
+    now = quickstart.fingerprint(tmp_path / "fingerprint")
+    assert len(now) == quickstart.FINGERPRINT_EPOCHS
+    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(now, record["fingerprint"])), (
+        f"default run moved ({now} vs {record['fingerprint']}): rerun "
+        "python scripts/quickstart.py --write and update the README"
+    )
