@@ -38,17 +38,23 @@ ESTIMATORS = {  # name -> (algo, K, lr): the comparison's stage-1 picks, not re-
     "ppo (GRPO advantage)": ("ppo", 4, 4e-3),
     "rloo off-policy (LOOP unclipped)": ("rloo", 4, 4e-3),
 }
+FOLLOW_UP = {  # PROTOCOL's follow-up, run after the cells above: RLOO at its own stage-1 lr
+    "rloo off-policy, own lr 2e-3": ("rloo", 4, 2e-3),
+}
 LEVELS = (8, 4)  # optimizer steps per rollout run here, in this order (2: stage 2's runs)
 SEEDS = tuple(range(10))
 COMPARED = {"loop": "loop-k4", "ppo (GRPO advantage)": "ppo-k4"}  # stage 2's configurations
-PAIRS = [("loop", "ppo (GRPO advantage)"), ("loop", "rloo off-policy (LOOP unclipped)")]
+PAIRS = [("loop", "ppo (GRPO advantage)"), ("loop", "rloo off-policy (LOOP unclipped)"),
+         ("loop", "rloo off-policy, own lr 2e-3")]  # fmt: skip
+ALL = ESTIMATORS | FOLLOW_UP
 RUN_FIELDS = ("config", "estimator", "algo", "k", "lr", "updates", "minibatch", "seed", "reward",
               "threads", "epochs", "untrained_heldout", "final_heldout", "final_train_reward",
               "clipfrac", "approx_kl", "train_seconds", "cpu", "commit", "command")  # fmt: skip
 
 
 def config_name(estimator: str, updates: int) -> str:
-    return f"{ESTIMATORS[estimator][0]}-k{ESTIMATORS[estimator][1]}-u{updates}"
+    algo, k, lr = ALL[estimator]
+    return f"{algo}-k{k}-u{updates}" + (f"-lr{lr:g}" if estimator in FOLLOW_UP else "")
 
 
 @dataclass(frozen=True)
@@ -60,15 +66,17 @@ class ReuseRun(compare.Run):
 
 
 def plan(levels=LEVELS, seeds=SEEDS) -> list[ReuseRun]:
-    """Level-major, then seed-major: a stopped sweep leaves whole seeds of a whole level."""
+    """Level-major, then seed-major: a stopped sweep leaves whole seeds of a whole level; the
+    follow-up's cells come after every main cell, in the same order."""
     runs = []
-    for updates in levels:
-        for seed in seeds:
-            for estimator, (algo, k, lr) in ESTIMATORS.items():
-                name = config_name(estimator, updates)
-                runs.append(
-                    ReuseRun("reuse", name, algo, k, lr, seed, "color", 48, IMAGES // updates)
-                )
+    for estimators in (ESTIMATORS, FOLLOW_UP):
+        for updates in levels:
+            for seed in seeds:
+                for estimator, (algo, k, lr) in estimators.items():
+                    name = config_name(estimator, updates)
+                    runs.append(
+                        ReuseRun("reuse", name, algo, k, lr, seed, "color", 48, IMAGES // updates)
+                    )
     return runs
 
 
@@ -106,9 +114,9 @@ def run(jobs: int = 2, threads: int = 1, results: str = "runs/reuse/results",
         cmd = compare.command_line(r, threads, extra)
         base, curves = compare.summarise(r, folder, threads, sha, cmd)
         rows = compare.metrics_of(folder)[1:]
-        estimator = next(e for e, (algo, _, _) in ESTIMATORS.items() if algo == r.algo)
+        updates = int(r.config.split("-u")[1].split("-")[0])  # <algo>-k<K>-u<updates>[-lr<lr>]
+        estimator = next(e for e in ALL if config_name(e, updates) == r.config)
         record = {key: base.get(key) for key in RUN_FIELDS}
-        updates = int(r.config.rsplit("-u", 1)[1])
         record |= {"estimator": estimator, "updates": updates}
         record |= {
             "minibatch": r.minibatch,
@@ -141,7 +149,8 @@ def cells(results_dir: Path) -> dict[tuple[str, int], np.ndarray]:
         scores = [float(r["final_heldout"]) for r in stage2 if r["stage"] == "evaluate"
                   and r["config"] == config and r["reward"] == "color" and int(r["seed"]) in SEEDS]  # fmt: skip
         out[(estimator, 2)] = scores
-    return {key: np.array(v) for key, v in out.items() if len(v) == len(SEEDS)}
+    # (runs, 1 task): rliable's layout
+    return {key: np.array(v).reshape(-1, 1) for key, v in out.items() if len(v) == len(SEEDS)}
 
 
 def run_stats(results_dir: Path) -> dict[tuple[str, int], tuple[float, float]]:
@@ -204,7 +213,7 @@ def plot(scores: dict, iqm: dict, path: Path, untrained: float | None) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
     if untrained is not None:
         ax.axhline(untrained, color="grey", linestyle="--", linewidth=1, label="untrained")
-    for i, (estimator, color) in enumerate(zip(ESTIMATORS, plt.cm.tab10.colors)):
+    for i, (estimator, color) in enumerate(zip(ALL, plt.cm.tab10.colors)):
         levels = sorted(u for e, u in scores if e == estimator)
         if not levels:
             continue
@@ -215,7 +224,7 @@ def plot(scores: dict, iqm: dict, path: Path, untrained: float | None) -> None:
         for xi, u in zip(x, levels):
             ax.scatter(
                 [xi] * len(scores[(estimator, u)]),
-                scores[(estimator, u)],
+                scores[(estimator, u)].ravel(),
                 color=color,
                 s=8,
                 alpha=0.4,
