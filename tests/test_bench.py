@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, subprocess_env
 
 import loop
-from bench import common, compare, cost, gpu, variance
+from bench import common, compare, cost, gpu, reuse, variance
 
 
 def test_compare_runs_the_real_command_and_a_row_reproduces(tmp_path):
@@ -151,8 +151,57 @@ def test_compare_report_from_synthetic_csvs(tmp_path):
         assert (tmp_path / "compare_intervals.png").stat().st_size > 1000
 
 
+def test_reuse_tiny_records_updates_clipfrac_and_resumes(tmp_path):
+    """Six tiny runs at 8 updates per rollout: each row names its estimator and level and carries
+    the run's clipfrac and approx_kl; a second `run` finds nothing left to do."""
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    reuse.run(jobs=2, threads=1, results=str(results), runs=str(runs), tiny=True)
+    rows = compare.read_csv(results / "reuse_runs.csv")
+    assert sorted({r["estimator"] for r in rows}) == sorted(reuse.ESTIMATORS)
+    assert {r["updates"] for r in rows} == {"8"} and {r["minibatch"] for r in rows} == {"1"}
+    for r in rows:  # rho_t leaves 1 after the first of 8 updates: something is clipped
+        assert 0 < float(r["clipfrac"]) < 1 and float(r["approx_kl"]) > 0, r
+    reuse.run(jobs=2, threads=1, results=str(results), runs=str(runs), tiny=True)
+    assert len(compare.read_csv(results / "reuse_runs.csv")) == len(rows)
+
+
+def test_reuse_report_from_synthetic_csvs(tmp_path):
+    """A collapsed estimator is reported as beaten; equal ones are not resolved; an incomplete
+    cell (9 seeds) is left out; stage 2's rows fill the 2-updates level."""
+    pytest.importorskip("rliable")
+    rng = np.random.default_rng(0)
+    rows = []
+    for estimator, (algo, k, lr) in reuse.ALL.items():
+        for updates in reuse.LEVELS:
+            level = 0.02 if algo == "rloo" else 0.5
+            seeds = (
+                reuse.SEEDS[:9] if estimator in reuse.FOLLOW_UP and updates == 4 else reuse.SEEDS
+            )
+            rows += [{"config": reuse.config_name(estimator, updates), "estimator": estimator,
+                      "algo": algo, "k": k, "lr": lr, "updates": updates, "seed": s,
+                      "reward": "color", "untrained_heldout": 0.3, "clipfrac": 0.8,
+                      "approx_kl": 1e-5, "final_heldout": level + rng.normal(0, 0.03)}
+                     for s in seeds]  # fmt: skip
+    compare.append_csv(tmp_path / "reuse_runs.csv", reuse.RUN_FIELDS, rows)
+    stage2 = [{"stage": "evaluate", "config": config, "reward": "color", "seed": s,
+               "final_heldout": 0.5 + rng.normal(0, 0.03)}
+              for config in reuse.COMPARED.values() for s in reuse.SEEDS]  # fmt: skip
+    compare.append_csv(tmp_path / "compare_runs.csv", ("stage", "config", "reward", "seed",
+                       "final_heldout"), stage2)  # fmt: skip
+    text = reuse.report(str(tmp_path)).read_text()
+    assert (
+        "| P(loop > rloo off-policy (LOOP unclipped)) @ 8 | 1.00 [1.00, 1.00] | supported |" in text
+    )
+    assert "P(loop > rloo off-policy, own lr 2e-3) @ 8" in text
+    assert "own lr 2e-3) @ 4" not in text  # 9 seeds: not a complete cell
+    assert "| 2 | loop | 10 |" in text and "(stage 2)" in text
+    assert "P(loop > ppo (GRPO advantage)) @ 4" in text and "not resolved" in text
+    if common.have_matplotlib():
+        assert (tmp_path / "reuse.png").stat().st_size > 1000
+
+
 @pytest.mark.parametrize(
-    "script", ["bench/compare.py", "bench/cost.py", "bench/variance.py", "bench/gpu.py",
+    "script", ["bench/compare.py", "bench/cost.py", "bench/variance.py", "bench/gpu.py", "bench/reuse.py",
                "scripts/time_to_gain.py", "scripts/step_gradients.py"]
 )  # fmt: skip
 def test_help_prints_flags_and_runs_nothing(script, tmp_path):
