@@ -88,12 +88,14 @@ def render(record: dict) -> str:
     ])  # fmt: skip
 
 
-def main(seeds: str = "0,1,2,3,4", threads: int = 2, runs: str = "runs/quickstart",
+def main(seeds: str | tuple = "0,1,2,3,4", threads: int = 2, runs: str = "runs/quickstart",
          write: bool = False) -> None:  # fmt: skip
     import torch
 
     root, record = Path(runs), {"seeds": {}}
-    for seed in (int(s) for s in str(seeds).split(",")):
+    # fire reads `--seeds 0,1,2` as a tuple and `--seeds 3` as an int; a string is split on commas
+    listed = seeds if isinstance(seeds, (tuple, list)) else str(seeds).split(",")
+    for seed in (int(s) for s in listed):
         rows = run_default(root / f"seed{seed}", seed, threads)
         evals = [r for r in rows if r["eval_reward_mean"] is not None]
         minutes = sum(r["seconds"] + (r["eval_seconds"] or 0) for r in rows) / 60
