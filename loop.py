@@ -604,7 +604,7 @@ def rescore(policy: Policy, batch: Rollout, rows: slice, j: int):
 def train_on_rollout(policy: Policy, batch: Rollout, advantage, cfg: Config, optimizer, rng,
                      sizes: dict, show=False, scaler=None) -> dict:  # fmt: skip
     """inner_epochs passes of minibatch updates over one rollout; returns mean statistics.
-    scaler: fp16's loss scaler (without one, fp16 gradients of log pi underflow to exactly 0)."""
+    scaler: fp16's loss scaler (without one, fp16 gradients of log pi underflow, often to exactly 0)."""
     params, stats = lora_parameters(policy.unet), {key: [] for key in STAT_KEYS}
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     trainable = trained_steps(policy.schedule, cfg.min_train_sigma)

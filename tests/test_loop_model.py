@@ -420,9 +420,10 @@ def fp16_gradient_norm(tiny_model, scaler) -> float:
 
 
 def test_fp16_learns_only_with_the_loss_scaler(tiny_model):
-    """Without a loss scaler fp16's backward underflows to an exactly zero LoRA gradient (and no
-    NaN warns); loop.main scales the loss for fp16, and unscales before the gradient clip."""
-    assert fp16_gradient_norm(tiny_model, None) == 0.0
+    """Without a loss scaler fp16's backward underflows silently (no NaN warns): on most CPUs to an
+    exactly zero LoRA gradient, on some (CI's) to about half of the true one. loop.main scales the
+    loss for fp16, and unscales before the gradient clip: then the gradient is the fp32 one."""
+    unscaled = fp16_gradient_norm(tiny_model, None)
     scaled = fp16_gradient_norm(tiny_model, torch.amp.GradScaler("cpu"))
     assert scaled > 0
     models = load(tiny_model)  # fp32: the gradient the scaled fp16 one approximates
@@ -433,6 +434,7 @@ def test_fp16_learns_only_with_the_loss_scaler(tiny_model):
     sizes = loop.check_config(cfg, world=1)
     fp32 = loop.train_on_rollout(policy, batch, advantage, cfg, optimizer, random.Random(0), sizes)
     assert scaled == pytest.approx(fp32["grad_norm"], rel=0.3)  # unscaled: the true units
+    assert unscaled < 0.7 * fp32["grad_norm"]  # without the scaler, much of the gradient is lost
 
 
 def test_an_epoch_with_an_exactly_zero_gradient_is_warned_about(

@@ -21,11 +21,13 @@ def test_readme_quotes_the_recorded_quickstart_numbers():
 
 
 def test_the_default_run_still_starts_as_the_recorded_one(tmp_path):
-    """The first epochs of seed 0 at one thread: a change that moves the default moves these."""
+    """The first epochs of seed 0 at one thread: a change that moves the default moves these.
+    Another CPU sums in another order: CI's moved them by up to 1.7e-4, while --lr 3.88e-3 instead
+    of 4e-3 (3% less) moves the second by 3.5e-2 (docs/record.md). The tolerance lies between."""
     record = json.loads(quickstart.RECORD.read_text())
     now = quickstart.fingerprint(tmp_path / "fingerprint")
     assert len(now) == quickstart.FINGERPRINT_EPOCHS
-    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(now, record["fingerprint"])), (
+    assert all(math.isclose(a, b, abs_tol=2e-3) for a, b in zip(now, record["fingerprint"])), (
         f"default run moved ({now} vs {record['fingerprint']}): rerun "
         "python scripts/quickstart.py --write and update the README"
     )
