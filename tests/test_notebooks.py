@@ -120,3 +120,24 @@ def test_notebook_committed_with_outputs(path):
         if cell.get("execution_count") is None
     ]
     assert not unexecuted, f"{path.name}: code cells {unexecuted} have no outputs; run and save it"
+
+
+# figures each notebook shows (its saved image outputs): the equations as pictures, not only prints
+FIGURES = {
+    "01_ddim_policy.ipynb": 3,  # log-density around the mean, sigma_t and trained steps, a trajectory
+    "02_estimators.ipynb": 3,  # leave-one-out baseline, clipped objective against rho, variance vs K
+    "03_shapes_world.ipynb": 2,
+    "04_loop_end_to_end.ipynb": 3,
+}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_notebook_shows_its_figures(path):
+    cells = json.loads(path.read_text())["cells"]
+    outputs = [output for cell in cells for output in cell.get("outputs", [])]
+    images = sum("image/png" in output.get("data", {}) for output in outputs)
+    errors = [output["ename"] for output in outputs if output.get("output_type") == "error"]
+    assert not errors, f"{path.name} was saved with errors {errors}: rerun it and save"
+    assert images >= FIGURES.get(path.name, 1), (
+        f"{path.name} shows {images} figures, expected {FIGURES.get(path.name, 1)}: run it and save"
+    )
