@@ -13,7 +13,8 @@ commit, through bench/compare.py's machinery (a stopped sweep resumes exactly). 
                       and approx_kl over the run's updates, commit, command
     reuse_curves.csv  one row per run and epoch (as compare_curves.csv)
 The 2-updates cells of LOOP and PPO K=4 are stage 2's runs of the comparison (same flags: the default
-minibatch is half the rollout), read from compare_runs.csv in the same results folder.
+minibatch is half the rollout), and the 1-update cell of RLOO at its own lr 2e-3 is stage 2's on-policy
+RLOO K=4, all read from compare_runs.csv in the same results folder.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ FOLLOW_UP = {  # PROTOCOL's follow-up, run after the cells above: RLOO at its ow
 }
 LEVELS = (8, 4)  # optimizer steps per rollout run here, in this order (2: stage 2's runs)
 SEEDS = tuple(range(10))
-COMPARED = {"loop": "loop-k4", "ppo (GRPO advantage)": "ppo-k4"}  # stage 2's configurations
+# stage 2's configurations that are cells here: LOOP and PPO at 2 steps (the default minibatch), and
+# RLOO K=4 at its own lr 2e-3 on-policy, the follow-up's line at 1 step (there rho = 1: LOOP = RLOO)
+COMPARED = {("loop", 2): "loop-k4", ("ppo (GRPO advantage)", 2): "ppo-k4",
+            ("rloo off-policy, own lr 2e-3", 1): "rloo-k4"}  # fmt: skip
 PAIRS = [("loop", "ppo (GRPO advantage)"), ("loop", "rloo off-policy (LOOP unclipped)"),
          ("loop", "rloo off-policy, own lr 2e-3")]  # fmt: skip
 ALL = ESTIMATORS | FOLLOW_UP
@@ -145,10 +149,10 @@ def cells(results_dir: Path) -> dict[tuple[str, int], np.ndarray]:
                 float(r["final_heldout"])
             )
     stage2 = compare.read_csv(results_dir / "compare_runs.csv")
-    for estimator, config in COMPARED.items():
+    for (estimator, updates), config in COMPARED.items():
         scores = [float(r["final_heldout"]) for r in stage2 if r["stage"] == "evaluate"
                   and r["config"] == config and r["reward"] == "color" and int(r["seed"]) in SEEDS]  # fmt: skip
-        out[(estimator, 2)] = scores
+        out[(estimator, updates)] = scores
     # (runs, 1 task): rliable's layout
     return {key: np.array(v).reshape(-1, 1) for key, v in out.items() if len(v) == len(SEEDS)}
 

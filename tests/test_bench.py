@@ -195,6 +195,7 @@ def test_reuse_report_from_synthetic_csvs(tmp_path):
     assert "P(loop > rloo off-policy, own lr 2e-3) @ 8" in text
     assert "own lr 2e-3) @ 4" not in text  # 9 seeds: not a complete cell
     assert "| 2 | loop | 10 |" in text and "(stage 2)" in text
+    assert "| 1 | rloo off-policy, own lr 2e-3 | 10 |" in text  # stage 2's on-policy RLOO
     assert "P(loop > ppo (GRPO advantage)) @ 4" in text and "not resolved" in text
     if common.have_matplotlib():
         assert (tmp_path / "reuse.png").stat().st_size > 1000
