@@ -773,11 +773,12 @@ def main(cfg: Config) -> Path:
     reward_name, train_prompts, eval_prompts = resolve_reward_and_prompts(cfg, model_path)
     prompts = {"training": train_prompts, "held-out": eval_prompts}
     loop_utils.check_prompts(model_path, reward_name, prompts)
+    options = reward_options(reward_name, cfg.prompt_dir, cfg.reward_options)
     show = rank == 0  # rank 0 prints and writes
     run = run_folder(cfg, writer=show)
     with loop_utils.claimed(run, fresh=not cfg.resume, writer=show):  # locked, writable
         try:
-            return train(cfg, run, rank, world, device, sizes, model_path, reward_name,
+            return train(cfg, run, rank, world, device, sizes, model_path, reward_name, options,
                          train_prompts, eval_prompts)  # fmt: skip
         except NonFinite as error:  # the epoch that failed is the checkpoint's next one
             epoch = loop_utils.checkpoint_epoch(run) or 0
@@ -786,7 +787,8 @@ def main(cfg: Config) -> Path:
 
 
 def train(cfg: Config, run: Path, rank: int, world: int, device, sizes: dict, model_path: str,
-          reward_name: str, train_prompts: list[str], eval_prompts: list[str]) -> Path:  # fmt: skip
+          reward_name: str, options: dict, train_prompts: list[str],
+          eval_prompts: list[str]) -> Path:  # fmt: skip
     """main's run in its claimed folder: load, optimise in a loop, log, save."""
     show = rank == 0
     if show:
@@ -797,7 +799,6 @@ def train(cfg: Config, run: Path, rank: int, world: int, device, sizes: dict, mo
 
     # Load: the reward (first: a missing download fails fast), frozen pipeline (bf16 on GPU), fp32
     # LoRA (fp16: with a loss scaler), the DDIM policy.
-    options = reward_options(reward_name, cfg.prompt_dir, cfg.reward_options)
     reward_fn, eval_reward_fn = load_rewards(reward_name, options, device)
     weight_dtype = weight_dtype_for(cfg.mixed_precision, device)
     models = load_models(model_path, device, weight_dtype, cfg.lora_rank, cfg.seed,

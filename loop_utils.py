@@ -117,10 +117,18 @@ def check_config(cfg, world: int, algos: tuple) -> dict:
     minibatch = cfg.minibatch or default  # reinforce/rloo given more: stale samples, no ratio
     per_rank = minibatch // world
     micro = min(cfg.micro_batch, per_rank)
-    if minibatch % world or cfg.images_per_epoch % minibatch or per_rank % micro:
+    if minibatch % world or cfg.images_per_epoch % minibatch:
+        fits = [
+            m for m in range(world, cfg.images_per_epoch + 1, world) if not cfg.images_per_epoch % m
+        ]
         raise UsageError(
-            f"--minibatch {minibatch} must divide --images_per_epoch, split evenly "
-            f"over {world} rank(s), and be a multiple of --micro_batch {micro}"
+            f"--minibatch {minibatch} must divide --images_per_epoch {cfg.images_per_epoch} and "
+            f"split evenly over {world} rank(s): pass one of {', '.join(map(str, fits))}"
+        )
+    if per_rank % micro:
+        raise UsageError(
+            f"--micro_batch {cfg.micro_batch} must divide the minibatch per rank, {per_rank} "
+            f"(--minibatch {minibatch} over {world} rank(s)): pass a divisor of {per_rank}"
         )
     return {
         "world_size": world,
@@ -506,8 +514,12 @@ def setup_distributed(cfg):
     """Rank, world size and device; torchrun sets RANK/WORLD_SIZE (gloo on CPU, nccl on GPU)."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device not in ("auto", "cpu", "cuda") or (use_cuda and not torch.cuda.is_available()):
-        raise UsageError(f"--device {cfg.device}: not available here; use cpu, cuda or auto")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown --device {cfg.device!r}; choose one of auto, cpu, cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda: this torch sees no CUDA device; pass --device cpu (or auto)"
+        )
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
     if use_cuda:  # this rank's GPU, also the one NCCL's collectives and object gathers use
         torch.cuda.set_device(device)

@@ -58,7 +58,7 @@ def run_loop(args, cwd, timeout=300):
 BAD_INPUTS = {
     "unknown algo": (["--algo", "sgd"], "unknown --algo"),
     "unknown reward": (["--reward", "beauty"], "unknown --reward"),
-    "unknown device": (["--device", "tpu"], "--device tpu"),
+    "unknown device": (["--device", "tpu"], "unknown --device 'tpu'"),
     "unknown precision": (["--mixed_precision", "fp8"], "unknown --mixed_precision"),
     "rloo with K=1": (["--algo", "rloo", "--k", "1"], "K >= 2"),
     "loop with K=1": (["--algo", "loop", "--k", "1"], "K >= 2"),
@@ -83,6 +83,11 @@ BAD_INPUTS = {
     "reward options not an object": (["--reward_options", "[95]"], "need a JSON object"),
     "unknown flag": (["--learning_rate", "1"], "unknown flag"),
     "groups split over ranks": (["--images_per_epoch", "5"], "multiple of K"),
+    "minibatch not dividing the rollout": (["--minibatch", "3"], "pass one of 1, 2, 4"),
+    "micro-batch not dividing the minibatch": (
+        ["--minibatch", "4", "--micro_batch", "3"],
+        "--micro_batch 3 must divide the minibatch per rank, 4",
+    ),
     "no held-out images": (["--eval_images_per_prompt", "0"], "--eval_images_per_prompt"),
     "no step left to train": (["--min_train_sigma", "5"], "--min_train_sigma"),
     "EMA that never moves": (["--ema_decay", "1"], "--ema_decay"),
@@ -144,9 +149,19 @@ def test_bad_input_in_process(case, tmp_path, tiny_model, prompt_file, monkeypat
     with pytest.raises(SystemExit) as exit_info:
         loop.cli(**dict(zip((a.removeprefix("--") for a in args[0::2]), args[1::2])))
     assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
     assert lines and lines[-1].startswith("error: ") and BAD_INPUTS[case][1] in lines[-1], lines
     assert not (tmp_path / "run").exists()  # nothing half-written
+    if case not in NEEDS_THE_MODEL:  # rejected before the run's start-up lines
+        assert "config:" not in captured.out, captured.out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case is a machine without CUDA")
+def test_cuda_asked_for_where_there_is_none(monkeypatch):
+    monkeypatch.setattr(loop, "load_models", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(loop.UsageError, match="sees no CUDA device; pass --device cpu"):
+        loop.main(loop.Config(device="cuda"))
 
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
