@@ -1030,10 +1030,42 @@ def check_evaluate_args(args: dict) -> None:
         if not (isinstance(value, str | os.PathLike) or value is None and name in ("lora", "out")):
             raise ValueError(f"--{name} {value!r}: need a path (a string)")
     check_model_path(str(args["model"]))
+    steps_file = Path(args["model"], "scheduler", "scheduler_config.json")
+    if steps_file.is_file():  # a local pipeline: diffusers would refuse more steps after loading
+        steps = json.loads(steps_file.read_text()).get("num_train_timesteps", 1000)
+        if args["num_inference_steps"] > steps:
+            raise ValueError(
+                f"--num_inference_steps {args['num_inference_steps']}: the model's scheduler has "
+                f"{steps} training timesteps; pass at most {steps}"
+            )
+    device = args["device"]
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise ValueError(
+            f"unknown --device {device!r}; choose cpu, cuda or cuda:N (or leave it out)"
+        )
+    for name in ("dtype", "reward_dtype"):
+        try:
+            resolve_dtype("cpu", args[name])
+        except ValueError as error:
+            raise ValueError(f"--{name} {args[name]!r}: {error}") from None
+    prompts = Path(args["prompts"])
+    if not prompts.is_file():
+        what = "is a folder" if prompts.is_dir() else "not found"
+        raise ValueError(f"--prompts {prompts}: {what}; pass a text file, one prompt per line")
     if args["lora"]:
         check_lora_path(str(args["lora"]))
     if args["out"]:
         check_out_path(str(args["out"]))
+
+
+def model_next_to_this_file(model: str) -> str:
+    """`model` as given, or the folder of that name next to rewards.py (assets/tiny-shapes) when
+    the working directory has none: else the embedded default would read as the hub id
+    'assets/tiny-shapes' outside the repository, and 'color' would load BLIP, not the exact judge."""
+    if not isinstance(model, str) or os.path.exists(model) or os.path.isabs(model):
+        return model  # (a non-string is check_evaluate_args' to reject)
+    beside = Path(__file__).resolve().parent / model
+    return str(beside) if beside.is_dir() else model
 
 
 def check_model_path(model: str) -> None:
@@ -1079,6 +1111,16 @@ def check_out_path(out: str) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise ValueError(f"--out {out}: {folder} is a file, so no folder can be made there")
+    if path.is_file():  # overwrite an earlier result, never another file
+        try:
+            earlier = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "per_prompt" in earlier):
+            raise ValueError(
+                f"--out {out} exists and is not an earlier `rewards.py evaluate` result; "
+                "pass a new path (only such a result is overwritten)"
+            )
     target = path if path.exists() else folder
     if not os.access(target, os.W_OK | (0 if target is path else os.X_OK)):
         raise ValueError(f"--out {out}: {target} is not writable; pass a path you can write")
@@ -1135,6 +1177,7 @@ def evaluate(
     file's folder when it has them (`load_complex`). Prints the mean; `out` gets the settings and the
     per-prompt scores as JSON.
     """
+    model = model_next_to_this_file(model)  # the embedded model, from any working directory
     check_evaluate_args(locals())  # bad input fails here: before any model loads, nothing written
     from tqdm import tqdm
 

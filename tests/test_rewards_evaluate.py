@@ -356,7 +356,18 @@ BAD_INPUTS = {
     "lora not a weights file": ({"lora": "{tmp}/notes.txt"}, "notes.txt: not a LoRA weights file"),
     "out a folder": ({"out": "{tmp}/empty"}, "empty is a folder; pass a file path"),
     "out under a file": ({"out": "{tmp}/notes.txt/a/scores.json"}, "notes.txt is a file, so no"),
-    "prompts missing": ({"prompts": "{tmp}/missing.txt"}, "missing.txt"),
+    "prompts missing": ({"prompts": "{tmp}/missing.txt"}, "missing.txt: not found; pass a text"),
+    "prompts a folder": ({"prompts": "{tmp}/empty"}, "empty: is a folder; pass a text file"),
+    "num_inference_steps past the scheduler's": (
+        {"num_inference_steps": 1001},
+        "--num_inference_steps 1001: the model's scheduler has 1000 training timesteps",
+    ),
+    "device unknown": ({"device": "tpu"}, "unknown --device 'tpu'; choose cpu, cuda"),
+    "reward_dtype unknown": ({"reward_dtype": "float8x"}, "--reward_dtype 'float8x': unknown"),
+    "out a file that is no result": (
+        {"out": "{tmp}/notes.txt"},
+        "notes.txt exists and is not an earlier `rewards.py evaluate` result",
+    ),
     "dtype unknown": ({"dtype": "float64x"}, "unknown dtype 'float64x'"),
 }
 
@@ -424,3 +435,23 @@ def test_evaluate_checks_let_good_input_through(tiny_sd, prompt_file, tmp_path, 
     with pytest.raises(AssertionError, match="was loaded before"):
         evaluate_until_loading(monkeypatch, tiny_sd, prompt_file, model="org/a-pipeline")
     assert not (tmp_path / "new").exists()
+    earlier = tmp_path / "scores.json"  # an earlier result may be overwritten
+    earlier.write_text(json.dumps({"mean": 0.5, "per_prompt": []}))
+    with pytest.raises(AssertionError, match="was loaded before"):
+        evaluate_until_loading(monkeypatch, tiny_sd, prompt_file, out=str(earlier))
+
+
+def test_evaluate_finds_the_embedded_model_from_any_folder(tmp_path, prompt_file, monkeypatch):
+    """Outside the repository the default 'assets/tiny-shapes' is the folder next to rewards.py
+    (not a hub id), so 'color' is the shapes world's exact judge, not BLIP from the network."""
+    monkeypatch.chdir(tmp_path)
+    loaded = {}
+
+    def stop(name, **options):
+        loaded["reward"] = name
+        raise AssertionError("reached the loader")
+
+    monkeypatch.setattr(rewards, "load_reward", stop)
+    with pytest.raises(AssertionError, match="reached the loader"):
+        rewards.evaluate(str(prompt_file), "color", images_per_prompt=1, device="cpu")
+    assert loaded["reward"] == "shapes_color"
