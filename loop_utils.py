@@ -357,7 +357,7 @@ def claimed(run: Path, fresh: bool, writer: bool = True):
         yield run
         return
     existed = {name for name in RUN_FILES if (run / name).exists()}
-    created = not run.exists()
+    created = [f for f in (run, *run.parents) if not f.exists()]  # deepest first, e.g. runs/x, runs
     try:
         run.mkdir(parents=True, exist_ok=True)
         lock = open(run / LOCK, "a+")  # noqa: SIM115 (held open for the whole run)
@@ -400,14 +400,15 @@ def claimed(run: Path, fresh: bool, writer: bool = True):
         lock.close()
 
 
-def remove_new_files(run: Path, existed: set, created: bool) -> None:
-    """Undo a fresh run that ended before its first checkpoint: what it wrote, no more."""
+def remove_new_files(run: Path, existed: set, created: list[Path]) -> None:
+    """Undo a fresh run that ended before its first checkpoint: what it wrote (files, and the
+    folders it made: the run's and a new runs/ above it), no more."""
     for name in set(RUN_FILES) - existed:
         path = run / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    if created:
+    for folder in created:
         with contextlib.suppress(OSError):
-            run.rmdir()  # only if empty
+            folder.rmdir()  # only if empty
 
 
 # === Command line: --flags as a Config. A resume may change how long the run goes, how often it

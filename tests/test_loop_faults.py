@@ -98,6 +98,8 @@ def test_ctrl_c_before_the_first_checkpoint_leaves_nothing(
     assert code == 130 and len(err) == 1, err
     assert "nothing was kept" in err[0] and "run it again" in err[0] and "RUN" not in err[0]
     assert not (tmp_path / "run").exists()
+    code, err = cli(capsys, **flags(tmp_path, tiny_model, "runs/run"))  # runs/ made for it
+    assert code == 130 and not (tmp_path / "runs").exists(), err
     monkeypatch.undo()  # "run it again"
     assert cli(capsys, **flags(tmp_path, tiny_model, "run"))[0] == 0
 
