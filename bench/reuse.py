@@ -207,6 +207,14 @@ def report(results: str = "runs/reuse/results") -> Path:
     return out
 
 
+LEGEND = {  # the figure's names: each line's lr, and what RLOO is at 1 step
+    "loop": "loop (lr 4e-3)",
+    "ppo (GRPO advantage)": "ppo, GRPO advantage (lr 4e-3)",
+    "rloo off-policy (LOOP unclipped)": "rloo off-policy = LOOP unclipped (lr 4e-3)",
+    "rloo off-policy, own lr 2e-3": "rloo at its own lr 2e-3 (1 step: on-policy)",
+}
+
+
 def plot(scores: dict, iqm: dict, path: Path, untrained: float | None) -> None:
     """One line per estimator: IQM and its interval against updates per rollout; dots: seeds."""
     import matplotlib
@@ -224,7 +232,8 @@ def plot(scores: dict, iqm: dict, path: Path, untrained: float | None) -> None:
         x = np.array(levels) * (1 + 0.04 * (i - 1))  # side by side
         point = [iqm[f"{estimator} @ {u}"] for u in levels]
         ax.errorbar(x, [p[0] for p in point], yerr=[[p[0] - p[1] for p in point],
-                    [p[2] - p[0] for p in point]], fmt="o-", color=color, capsize=3, label=estimator)  # fmt: skip
+                    [p[2] - p[0] for p in point]], fmt="o-", color=color, capsize=3,
+                    label=LEGEND.get(estimator, estimator))  # fmt: skip
         for xi, u in zip(x, levels):
             ax.scatter(
                 [xi] * len(scores[(estimator, u)]),
