@@ -67,9 +67,12 @@ def fingerprint(folder: Path) -> list[float]:
 def render(record: dict) -> str:
     """README's quickstart block from docs/quickstart.json."""
     seeds = record["seeds"]
-    first = seeds["0"]
+    name, first = next(iter(seeds.items()))  # the first seed measured (0 unless --seeds said)
     gains = [s["after"] - s["before"] for s in seeds.values()]
     listed = ", ".join(f"{g:+.3f}" for g in gains)
+    numbers = [int(s) for s in seeds]
+    span = f"{numbers[0]}-{numbers[-1]}" if numbers == list(range(numbers[0], numbers[-1] + 1)) else (
+        ", ".join(map(str, numbers)))  # fmt: skip
     return "\n".join([
         "```",
         f"held-out shapes_color: before {first['before']:.4f} -> after {first['after']:.4f} (epoch 48)",
@@ -78,9 +81,9 @@ def render(record: dict) -> str:
         "```",
         "",
         (
-            f"That is seed 0 of the bare command with {record['threads']} torch threads on a "
+            f"That is seed {name} of the bare command with {record['threads']} torch threads on a "
             f"{record['cores']}-core machine: {gains[0]:+.3f} in about "
-            f"{round(first['minutes'])} minutes. Seeds 0-{len(seeds) - 1} gained {listed} (median "
+            f"{round(first['minutes'])} minutes. Seeds {span} gained {listed} (median "
             f"{statistics.median(gains):+.3f}; torch {record['torch']}, {commits_of(seeds)}; "
             "`scripts/quickstart.py` measured them). Other machines, "
             "thread counts and torch versions sum in other orders: the trajectory can differ."
