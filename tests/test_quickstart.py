@@ -31,3 +31,14 @@ def test_the_default_run_still_starts_as_the_recorded_one(tmp_path):
         f"default run moved ({now} vs {record['fingerprint']}): rerun "
         "python scripts/quickstart.py --write and update the README"
     )
+
+
+def test_the_block_names_the_seeds_that_were_measured():
+    """`--seeds 5,6,7` renders seed 5 as the example and "Seeds 5-7" (it once needed seed 0)."""
+    record = json.loads(quickstart.RECORD.read_text())
+    entry = next(iter(record["seeds"].values()))
+    record["seeds"] = {"5": entry, "6": entry, "7": entry}
+    block = quickstart.render(record)
+    assert "That is seed 5 of the bare command" in block and "Seeds 5-7 gained" in block
+    record["seeds"] = {"2": entry, "9": entry}
+    assert "Seeds 2, 9 gained" in quickstart.render(record)
