@@ -1246,6 +1246,16 @@ def check_command_line(argv: list[str]) -> None:
     flags = {token[2:].partition("=")[0].replace("-", "_") for token in argv if token[:2] == "--"}
     words = 0 if "prompts" in flags else 1 if "reward" in flags else 2  # PROMPTS REWARD, in order
     loop_utils.check_argv(argv, names, words)
+    given, skip = 0, False  # bare words (check_argv passed: each --flag has its value)
+    for token in argv:
+        given, skip = (given, False) if skip else (given + 1, False) if token[:2] != "--" else (
+            given, "=" not in token)  # fmt: skip
+    missing = [name.upper() for name in ("prompts", "reward") if name not in flags][given:]
+    if missing and not {"help", "h"} & flags and "-h" not in argv:
+        raise loop_utils.UsageError(
+            f"missing {' and '.join(missing)}: python rewards.py evaluate PROMPTS REWARD "
+            "[--flag VALUE ...] (see --help)"
+        )
 
 
 if __name__ == "__main__":

@@ -284,6 +284,8 @@ CLI_BAD_INPUTS = {
         "write --guidance_scale=-inf",
     ),
     "no such command": ("{prompts} jpeg_compressibility", "the only command is evaluate"),
+    "no reward": ("{prompts}", "missing REWARD: python rewards.py evaluate PROMPTS REWARD"),
+    "neither prompts nor reward": ("--seed 1", "missing PROMPTS and REWARD"),
     "numbers: --images_per_prompt 0": (
         "{prompts} jpeg_compressibility --images_per_prompt 0",
         "--images_per_prompt 0: need an integer >= 1",
