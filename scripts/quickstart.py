@@ -84,7 +84,8 @@ def render(record: dict) -> str:
             f"That is seed {name} of the bare command with {record['threads']} torch threads on a "
             f"{record['cores']}-core machine: {gains[0]:+.3f} in about "
             f"{round(first['minutes'])} minutes. Seeds {span} gained {listed} (median "
-            f"{statistics.median(gains):+.3f}; torch {record['torch']}, {commits_of(seeds)}; "
+            f"{statistics.median(gains):+.3f}, {sum(g >= 0.1 for g in gains)} of {len(gains)} at "
+            f"least +0.10; torch {record['torch']}, {commits_of(seeds)}; "
             "`scripts/quickstart.py` measured them). Other machines, "
             "thread counts and torch versions sum in other orders: the trajectory can differ."
         ),
