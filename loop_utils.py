@@ -245,15 +245,15 @@ def check_prompts(model_path: str, reward: str, prompts: dict[str, list[str]]) -
                     ) from None
 
 
-def check_num_steps(num_steps: int, model_path: str) -> None:
-    """--num_steps at most the scheduler's training timesteps (a local folder's config)."""
+def check_num_steps(num_steps: int, model_path: str, flag: str = "--num_steps") -> None:
+    """`flag` (the DDIM steps) at most the scheduler's training timesteps (a local folder's config)."""
     config = Path(model_path, "scheduler", "scheduler_config.json")
     if config.is_file():
         steps = json.loads(config.read_text()).get("num_train_timesteps", 1000)
         if num_steps > steps:
             raise UsageError(
-                f"--num_steps {num_steps}: the model's scheduler has {steps} training "
-                f"timesteps; pass --num_steps <= {steps}"
+                f"{flag} {num_steps}: the model's scheduler has {steps} training "
+                f"timesteps; pass {flag} <= {steps}"
             )
 
 
@@ -416,15 +416,16 @@ def remove_new_files(run: Path, existed: set, created: list[Path]) -> None:
 RESUMABLE = ("resume", "epochs", "eval_every", "eval_raw", "micro_batch", "device")
 
 
-def check_argv(argv: list[str], names, positional: int = 0) -> None:
+def check_argv(argv: list[str], names, positional: int = 0) -> list[str] | None:
     """The command line as typed, checked before fire reads it (fire would take `--lr` alone as
     lr = 1.0, keep the last of two `--epochs`, and reject a stray word only after the whole run):
-    every flag is a known name with one value, given once; at most `positional` bare words."""
+    every flag is a known name with one value, given once; at most `positional` bare words.
+    Returns the bare words, or None when help was asked for (fire answers it)."""
     seen, words, i = {}, [], 0
     while i < len(argv):
         token = argv[i]
         if token in ("--help", "-h"):
-            return
+            return None
         if not token.startswith("--") or token == "--":
             words.append(token)
             i += 1
@@ -444,6 +445,7 @@ def check_argv(argv: list[str], names, positional: int = 0) -> None:
     if len(words) > positional:
         extra = " ".join(words[positional:])
         raise UsageError(f"unexpected argument(s) {extra!r}; flags are --name value (see --help)")
+    return words
 
 
 def parse_flag(name: str, value, kind: type):

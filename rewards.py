@@ -1030,14 +1030,14 @@ def check_evaluate_args(args: dict) -> None:
         if not (isinstance(value, str | os.PathLike) or value is None and name in ("lora", "out")):
             raise ValueError(f"--{name} {value!r}: need a path (a string)")
     check_model_path(str(args["model"]))
-    steps_file = Path(args["model"], "scheduler", "scheduler_config.json")
-    if steps_file.is_file():  # a local pipeline: diffusers would refuse more steps after loading
-        steps = json.loads(steps_file.read_text()).get("num_train_timesteps", 1000)
-        if args["num_inference_steps"] > steps:
-            raise ValueError(
-                f"--num_inference_steps {args['num_inference_steps']}: the model's scheduler has "
-                f"{steps} training timesteps; pass at most {steps}"
-            )
+    import loop_utils  # here, not at the top: loop_utils imports rewards
+
+    try:  # a local pipeline: diffusers would refuse more steps only after loading
+        loop_utils.check_num_steps(
+            args["num_inference_steps"], str(args["model"]), "--num_inference_steps"
+        )
+    except loop_utils.UsageError as error:
+        raise ValueError(str(error)) from None
     device = args["device"]
     if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
         raise ValueError(
@@ -1245,13 +1245,11 @@ def check_command_line(argv: list[str]) -> None:
             raise loop_utils.UsageError(f"{token}: fire would read it as a flag; {fix}")
     flags = {token[2:].partition("=")[0].replace("-", "_") for token in argv if token[:2] == "--"}
     words = 0 if "prompts" in flags else 1 if "reward" in flags else 2  # PROMPTS REWARD, in order
-    loop_utils.check_argv(argv, names, words)
-    given, skip = 0, False  # bare words (check_argv passed: each --flag has its value)
-    for token in argv:
-        given, skip = (given, False) if skip else (given + 1, False) if token[:2] != "--" else (
-            given, "=" not in token)  # fmt: skip
-    missing = [name.upper() for name in ("prompts", "reward") if name not in flags][given:]
-    if missing and not {"help", "h"} & flags and "-h" not in argv:
+    given = loop_utils.check_argv(argv, names, words)
+    if given is None:  # --help: fire prints it
+        return
+    missing = [name.upper() for name in ("prompts", "reward") if name not in flags][len(given) :]
+    if missing:
         raise loop_utils.UsageError(
             f"missing {' and '.join(missing)}: python rewards.py evaluate PROMPTS REWARD "
             "[--flag VALUE ...] (see --help)"
