@@ -30,12 +30,12 @@ Deviations from the paper (each with its reason):
  7. Prompts are drawn with replacement each epoch (the paper does not say).
  8. Defaults fit the embedded 64x64 model on 2 CPU cores (the GPU quickstart shows SD 2's): T = 6
     steps at w = 5, 64 images a rollout in 2 updates of 32; at 2 threads seeds 0-9 gain +0.0997 to
-    +0.310 on the held-out prompts, median +0.181 (docs/record.md).
+    +0.310 on the held-out prompts, median +0.181 (bench/record.md).
  9. Optional KL penalty to the base model (`--kl_coef`, 0 as the paper); a non-finite reward or
     gradient stops the run: one NaN update would destroy the LoRA weights silently.
 10. Steps with sigma_t < `--min_train_sigma` are sampled, not trained on (0.5 trains the first 3 of
     6; 0 trains all, as the paper): grad log pi scales as |c_t| / sigma_t, so late steps give large,
-    noisy gradients (scripts/step_gradients.py) while they only refine detail.
+    noisy gradients (bench/step_gradients.py) while they only refine detail.
 11. Held-out scores and the saved LoRA use a per-epoch EMA of the LoRA weights (`--ema_decay` 0.9;
     0 = the last weights, as the paper): each update's gradient is mostly noise (cosine <= 0.05
     between rollouts), and the average removes part of the raw weights' wander around their trend.
@@ -121,7 +121,7 @@ class Config:
     """r(x_0, c): a name in rewards.REWARD_NAMES (shapes-world model: color -> shapes_color)"""
     reward_options: str = ""
     """JSON of rewards.load_reward options, e.g. '{"model": "/data/blip"}' (training and held-out)"""
-    model: str = "assets/tiny-shapes"
+    model: str = "shapes_world/tiny-shapes"
     """local diffusers folder (else looked up next to loop.py) or a hub id"""
     train_prompts: str = ""
     """training prompt file, one per line (default: from the model, reward or --prompt_dir)"""

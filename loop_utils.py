@@ -155,7 +155,7 @@ def resolve_model_path(model: str, embedded: str) -> str:
     if model == embedded:
         raise UsageError(
             f"the embedded model {HERE / model} is missing; build it with "
-            "scripts/train_tiny_pipeline.py or pass --model"
+            "shapes_world/train.py or pass --model"
         )
     first = model.split("/")[0]
     hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
@@ -195,7 +195,7 @@ def resolve_reward_and_prompts(cfg, model_path: str):
     elif cfg.prompt_dir:
         train = Path(cfg.prompt_dir) / f"{category}_train.txt"
     elif shapes_world and category in CATEGORIES:
-        train = HERE / "prompts" / "shapes" / f"{category}_train.txt"
+        train = HERE / "shapes_world" / "prompts" / f"{category}_train.txt"
     else:
         raise UsageError(f"no prompts for --reward {reward}; pass --train_prompts or --prompt_dir")
     train_prompts = read_prompts(train, "training")

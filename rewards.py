@@ -43,7 +43,7 @@ Known gaps with T2I-CompBench's original code, and how they are handled
    blip-vqa-capfilt-large is configured for 384 px (position embeddings interpolated once, at
    conversion). We default to the converted 384 px; `image_size=480` re-interpolates the position
    embeddings (`interpolate_pos_encoding`) to approximate the original input size. Which is closer to
-   CompBench's own numbers needs real weights and a GPU: scripts/blip_size_check.py (not yet run).
+   CompBench's own numbers needs real weights and a GPU: bench/blip_size_check.py (not yet run).
 3. Yes probability: p(yes) / (p(yes) + p(no)) from the first decoder step, which is what CompBench's
    modified BLIP computes (`vqa_prob`: softmax over the vocabulary, then yes / (yes + no)).
    `normalise=False` returns the vocabulary-wide softmax p(yes) instead. CompBench also rounds each
@@ -1059,9 +1059,9 @@ def check_evaluate_args(args: dict) -> None:
 
 
 def model_next_to_this_file(model: str) -> str:
-    """`model` as given, or the folder of that name next to rewards.py (assets/tiny-shapes) when
+    """`model` as given, or the folder of that name next to rewards.py (shapes_world/tiny-shapes) when
     the working directory has none: else the embedded default would read as the hub id
-    'assets/tiny-shapes' outside the repository, and 'color' would load BLIP, not the exact judge."""
+    'shapes_world/tiny-shapes' outside the repository, and 'color' would load BLIP, not the exact judge."""
     if not isinstance(model, str) or os.path.exists(model) or os.path.isabs(model):
         return model  # (a non-string is check_evaluate_args' to reject)
     beside = Path(__file__).resolve().parent / model
@@ -1150,7 +1150,7 @@ def generate(pipe, prompt: str, seed: int, images_per_prompt: int, **sampling) -
 def evaluate(
     prompts: str,
     reward: str,
-    model: str = "assets/tiny-shapes",
+    model: str = "shapes_world/tiny-shapes",
     lora: str | None = None,
     images_per_prompt: int = 10,
     seed: int = 0,

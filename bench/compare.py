@@ -236,9 +236,9 @@ def run_all(runs_list: list[Run], jobs: int, threads: int, results: Path, runs: 
     done = {key(r) for r in read_csv(results / "compare_runs.csv")}
     todo = [r for r in runs_list if (r.stage, r.config, r.lr, r.seed, r.reward) not in done]
     commit = git("rev-parse", commit).strip()
-    if git("status", "--porcelain", "loop.py", "rewards.py", "assets"):
+    if git("status", "--porcelain", "loop.py", "rewards.py", "shapes_world"):
         print(
-            f"note: loop.py, rewards.py or assets/ have uncommitted changes; runs use {commit[:10]}"
+            f"note: loop.py, rewards.py or shapes_world/ have uncommitted changes; runs use {commit[:10]}"
         )
     src = worktree(commit, runs)
     extra: list[str] = []

@@ -203,7 +203,7 @@ def test_reuse_report_from_synthetic_csvs(tmp_path):
 
 @pytest.mark.parametrize(
     "script", ["bench/compare.py", "bench/cost.py", "bench/variance.py", "bench/gpu.py", "bench/reuse.py",
-               "scripts/time_to_gain.py", "scripts/step_gradients.py"]
+               "bench/step_gradients.py", "bench/quickstart.py"]
 )  # fmt: skip
 def test_help_prints_flags_and_runs_nothing(script, tmp_path):
     done = subprocess.run([sys.executable, str(REPO / script), "--help"], check=False, cwd=tmp_path,

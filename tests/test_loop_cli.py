@@ -379,11 +379,11 @@ def test_a_non_finite_reward_on_one_rank_stops_every_rank(tmp_path, tiny_model):
     assert 'loop.py", line' not in result.stderr  # (torchrun's agent prints its own traceback)
 
 
-ASSET = REPO / "assets" / "tiny-shapes"
+ASSET = REPO / "shapes_world" / "tiny-shapes"
 
 
 @pytest.mark.skipif(
-    not (ASSET / "model_index.json").is_file(), reason="assets/tiny-shapes not built"
+    not (ASSET / "model_index.json").is_file(), reason="shapes_world/tiny-shapes not built"
 )
 def test_default_model_runs_with_the_shapes_reward(tmp_path):
     """The README's default command (default --model, --reward color) with a tiny budget."""
@@ -407,15 +407,15 @@ def test_default_model_runs_with_the_shapes_reward(tmp_path):
 
 
 def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, capsys):
-    model = tmp_path / "assets" / "tiny-shapes"
+    model = tmp_path / "shapes_world" / "tiny-shapes"
     model.mkdir(parents=True)
     (model / "model_index.json").write_text("{}")
     (model / "shapes_world.json").write_text("{}")
-    write_prompts(tmp_path / "prompts" / "shapes" / "color_train.txt", ["a red cube"])
-    write_prompts(tmp_path / "prompts" / "shapes" / "color_val.txt", ["a blue ball"])
+    write_prompts(tmp_path / "shapes_world" / "prompts" / "color_train.txt", ["a red cube"])
+    write_prompts(tmp_path / "shapes_world" / "prompts" / "color_val.txt", ["a blue ball"])
     monkeypatch.setattr(loop.loop_utils, "HERE", tmp_path)
     monkeypatch.chdir(tmp_path.parent)  # the default --model is relative to loop.py's folder
-    path = loop.resolve_model_path("assets/tiny-shapes")
+    path = loop.resolve_model_path("shapes_world/tiny-shapes")
     assert Path(path) == model
     cfg = loop.Config(reward="color", eval_images_per_prompt=1)
     reward, train, held_out = loop.resolve_reward_and_prompts(cfg, path)

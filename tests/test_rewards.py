@@ -863,7 +863,7 @@ def test_blip_size_check_script_runs(blip_dir, tmp_path):
         Image.fromarray(array).save(samples / f"{prompt}_{index}.png")
     answers = [{"question_id": k, "answer": f"{0.3 * k:.4f}"} for k in range(3)]
     (tmp_path / "vqa_result.json").write_text(json.dumps(answers))
-    command = [sys.executable, "scripts/blip_size_check.py", "--samples", str(samples)]
+    command = [sys.executable, "bench/blip_size_check.py", "--samples", str(samples)]
     command += ["--compbench", str(tmp_path / "vqa_result.json"), "--blip_model", blip_dir]
     command += ["--sizes", "32", "48", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -444,7 +444,7 @@ def test_evaluate_checks_let_good_input_through(tiny_sd, prompt_file, tmp_path, 
 
 
 def test_evaluate_finds_the_embedded_model_from_any_folder(tmp_path, prompt_file, monkeypatch):
-    """Outside the repository the default 'assets/tiny-shapes' is the folder next to rewards.py
+    """Outside the repository the default 'shapes_world/tiny-shapes' is the folder next to rewards.py
     (not a hub id), so 'color' is the shapes world's exact judge, not BLIP from the network."""
     monkeypatch.chdir(tmp_path)
     loaded = {}

@@ -1,4 +1,4 @@
-"""The shipped tiny pipeline (assets/tiny-shapes): loads offline through diffusers and generates 64x64."""
+"""The shipped tiny pipeline (shapes_world/tiny-shapes): loads offline through diffusers and generates 64x64."""
 
 import json
 import os
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-ASSET = REPO / "assets" / "tiny-shapes"
-sys.path.insert(0, str(REPO / "scripts"))
+ASSET = REPO / "shapes_world" / "tiny-shapes"
+sys.path.insert(0, str(REPO))
 
 
 def folder_bytes(folder: Path) -> int:
@@ -50,7 +50,7 @@ def test_loads_offline_and_generates_64x64(monkeypatch):
 
 
 def test_every_world_word_is_one_token():
-    import train_tiny_pipeline as T
+    from shapes_world import train as T
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(ASSET / "tokenizer"))
@@ -62,7 +62,7 @@ def test_every_world_word_is_one_token():
 
 def test_tokenizer_builder_roundtrip(tmp_path):
     """The training script's BPE builder makes every word a single token from scratch."""
-    import train_tiny_pipeline as T
+    from shapes_world import train as T
 
     tokenizer = T.build_tokenizer(os.fspath(tmp_path))
     ids = tokenizer("a red circle above a blue square").input_ids
@@ -74,7 +74,7 @@ def test_recorded_calibration_is_reproduced(entry):
     """The calibration numbers written into shapes_world.json are what the shipped model gives now
     (up to thread-count rounding in the UNet, which can flip a few boundary pixels), with the
     sampler the model was picked with and with loop.py's default policy."""
-    import train_tiny_pipeline as T
+    from shapes_world import train as T
 
     recorded = json.loads((ASSET / "shapes_world.json").read_text())[entry]
     sampler = {key: recorded[key] for key in T.SAMPLER}
@@ -99,7 +99,7 @@ def test_default_policy_is_calibrated():
 def test_latent_factor_sets_the_vae_and_unet_sizes(tmp_path, factor, latent):
     """--latent_factor 8 (Stable Diffusion's VAE factor) gives 8x8x4 latents for 64 px images and a
     UNet of that sample size; loop.py loads the pipeline it saves with that latent shape."""
-    import train_tiny_pipeline as T
+    from shapes_world import train as T
 
     import loop
 

@@ -9,7 +9,7 @@ wrote, so the default can be chosen on evidence. It has not been run yet (no GPU
 2. Run CompBench's BLIPvqa_eval on them (`python BLIP_vqa.py --out_dir=OUT/`), which writes
    OUT/annotation_blip/vqa_result.json: one {"question_id": k, "answer": score} per image, k in the
    order of the images sorted by index.
-3. python scripts/blip_size_check.py --samples OUT/samples \\
+3. python bench/blip_size_check.py --samples OUT/samples \\
        --compbench OUT/annotation_blip/vqa_result.json --blip_model weights/blip
    (rewards.py asks CompBench's questions, from spaCy's noun chunks, so that only the image size
    differs: `pip install spacy && python -m spacy download en_core_web_sm` first.)

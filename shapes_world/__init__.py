@@ -26,7 +26,7 @@ A "noun phrase" is "{color} {shape}" or "{texture} {shape}" (or "{texture} {colo
 
 Splits: for every category, each *set of (attribute, object) phrases* of a prompt is assigned to train
 or val by a fixed hash, so a val prompt's attribute-object combination never appears in train
-(`split_of`). Prompt files: prompts/shapes/{category}_{train,val}.txt, written by `write_prompt_files`.
+(`split_of`). Prompt files: shapes_world/prompts/{category}_{train,val}.txt, written by `write_prompt_files`.
 
 The judges (the world's "VQA model", all from pixels)
 1. A 3x3 median filter removes pixel noise; foreground = pixels whose L1 distance to BACKGROUND exceeds
@@ -77,7 +77,7 @@ FG_THRESHOLD = 48  # L1 distance to BACKGROUND (0..765) above which a pixel is f
 MIN_AREA = 24  # components smaller than this are specks, not objects
 RELATION_MARGIN = 8  # when drawing a spatial scene, |along| - |across| >= this (px)
 VAL_FRACTION = 0.25  # share of phrase combinations held out for validation
-PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "shapes")
+PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,10 @@ One-time, offline, CPU (not run in CI). Produces a complete diffusers folder (VA
 CLIP tokenizer, DDIM scheduler, model_index.json) that `StableDiffusionPipeline.from_pretrained` loads, and
 that loop.py loads with the very code it uses for `stabilityai/stable-diffusion-2-base`.
 
-    python scripts/train_tiny_pipeline.py --out runs/tiny-train                  # stages 1-4, ~70 min
-    python scripts/train_tiny_pipeline.py --out runs/tiny-train --seed 1 \
+    python shapes_world/train.py --out runs/tiny-train                  # stages 1-4, ~70 min
+    python shapes_world/train.py --out runs/tiny-train --seed 1 \
         --finetune_decoder runs/tiny-train/step_000500                           # stage 2b, ~8 min
-    python scripts/train_tiny_pipeline.py --out runs/tiny-train --ship step_NNNNNN   # copy + calibrate
+    python shapes_world/train.py --out runs/tiny-train --ship step_NNNNNN   # copy + calibrate
 
 Stages (all from a fixed seed, on procedurally rendered (prompt, image) pairs of shapes_world.py):
 1. the tokenizer: a CLIP BPE vocabulary in which every word of the world is one token;
@@ -466,7 +466,7 @@ def main(
     finetune_decoder: str | None = None,
     decoder_steps: int = 700,
     ship: str | None = None,
-    ship_to: str = "assets/tiny-shapes",
+    ship_to: str = "shapes_world/tiny-shapes",
     latent_factor: int = 4,
     vae_only: bool = False,
     decoder_scenes: str = "single,texture",

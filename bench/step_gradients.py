@@ -6,7 +6,7 @@ the mean gradient norm and the mean cosine between the gradients of different ro
 noise dominates; > 0: the rollouts agree on a direction). The same for sums over groups of steps.
 This is the measurement behind loop.py's Deviation 10 (`--min_train_sigma`).
 
-    python scripts/step_gradients.py --rollouts 6
+    python bench/step_gradients.py --rollouts 6
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def mean_and_se(values: list[float]) -> str:
 
 
 def main(
-    model: str = "assets/tiny-shapes", rollouts: int = 6, prompts_per_rollout: int = 8, k: int = 4
+    model: str = "shapes_world/tiny-shapes", rollouts: int = 6, prompts_per_rollout: int = 8, k: int = 4
 ) -> None:
     cfg = loop.Config(model=model, k=k)
     torch.set_flush_denormal(True)

@@ -2,14 +2,14 @@
 seeds 0-4 (or --seeds), at --threads torch threads, one run at a time, plus a short fingerprint of
 the same code (the first 3 epochs of seed 0 at one thread) that the test suite re-runs.
 
-    python scripts/quickstart.py                 # measure; prints the README block, writes nothing tracked
-    python scripts/quickstart.py --write         # also docs/quickstart.json and README's quickstart block
-    python scripts/quickstart.py --runs DIR      # reuse finished run folders DIR/seed<S> (read, not rerun)
+    python bench/quickstart.py                 # measure; prints the README block, writes nothing tracked
+    python bench/quickstart.py --write         # also bench/results/quickstart.json and README's quickstart block
+    python bench/quickstart.py --runs DIR      # reuse finished run folders DIR/seed<S> (read, not rerun)
 
 Each run folder gets a file `commit` (the code that made it), quoted with the numbers; a reused
 folder made elsewhere needs one written by hand.
 
-tests/test_quickstart.py checks that README's block is the one docs/quickstart.json renders and that
+tests/test_quickstart.py checks that README's block is the one bench/results/quickstart.json renders and that
 today's code reproduces the fingerprint: a change that moves the default run fails it until this
 script is rerun with --write.
 """
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RECORD = REPO / "docs" / "quickstart.json"
+RECORD = REPO / "bench" / "results" / "quickstart.json"
 README = REPO / "README.md"
 BEGIN, END = "<!-- quickstart -->", "<!-- /quickstart -->"
 FINGERPRINT_EPOCHS = 3
@@ -65,7 +65,7 @@ def fingerprint(folder: Path) -> list[float]:
 
 
 def render(record: dict) -> str:
-    """README's quickstart block from docs/quickstart.json."""
+    """README's quickstart block from bench/results/quickstart.json."""
     seeds = record["seeds"]
     name, first = next(iter(seeds.items()))  # the first seed measured (0 unless --seeds said)
     gains = [s["after"] - s["before"] for s in seeds.values()]
@@ -86,7 +86,7 @@ def render(record: dict) -> str:
             f"{round(first['minutes'])} minutes. Seeds {span} gained {listed} (median "
             f"{statistics.median(gains):+.3f}, {sum(g >= 0.1 for g in gains)} of {len(gains)} at "
             f"least +0.10; torch {record['torch']}, {commits_of(seeds)}; "
-            "`scripts/quickstart.py` measured them). Other machines, "
+            "`bench/quickstart.py` measured them). Other machines, "
             "thread counts and torch versions sum in other orders: the trajectory can differ."
         ),
     ])  # fmt: skip
