@@ -1,69 +1,35 @@
 """LOOP, leave-one-out PPO for RL fine-tuning of text-to-image diffusion: the method in one file.
 
-Paper: S. Gupta et al., "A Simple and Effective Reinforcement Learning Method for Text-to-Image
-Diffusion Fine-tuning" (LOOP), arXiv:2503.00897. Four estimators side by side, named as on the
-command line: `reinforce`, `rloo` (REINFORCE with a leave-one-out baseline), `ppo` (as in DDPO) and
-`loop` (PPO's clipped, importance-sampled objective with RLOO's leave-one-out advantage).
+S. Gupta et al., "A Simple and Effective Reinforcement Learning Method for Text-to-Image Diffusion
+Fine-tuning", arXiv:2503.00897. Four estimators, named as on the command line: reinforce, rloo
+(REINFORCE with a leave-one-out baseline), ppo (DDPO's clipped ratio) and loop (PPO's clipped
+objective with RLOO's leave-one-out advantage). Read top to bottom: Config; 1. the DDIM policy;
+2. K-sample rollouts; 3. the estimators; 4. training; 5. evaluation; the loop; the command line.
+    python loop.py --algo loop --k 4 --reward color    # CPU, the embedded shapes-world model
+    (Stable Diffusion 2 on GPUs, torchrun for several: README "Stable Diffusion on GPUs")
 
-Quickstart:
-    python loop.py --algo loop --k 4 --reward color            # CPU, embedded tiny model, minutes
-    python loop.py --algo loop --k 4 --reward color \\
-        --model stabilityai/stable-diffusion-2-base --prompt_dir T2I-CompBench/examples/dataset \\
-        --num_steps 50 --images_per_epoch 256 --minibatch 64 --micro_batch 8 --lr 3e-4 \\
-        --guidance_scale 7.5 --min_train_sigma 0 --ema_decay 0
-                                                              # one GPU; torchrun for several
-
-Deviations from the paper (each with its reason):
- 1. log pi is the MEAN over the n = C*h*w latent dimensions (as DDPO's code), not the sum, which
-    would make eps = 1e-4 n times tighter. The same update's |log rho| still shrinks roughly as
-    1/sqrt(n) (notebook 01): eps and the learning rate must be re-tuned for another latent size.
- 2. Steps with sigma_t < MIN_SIGMA are not trained on (log-prob stored as 0): with set_alpha_to_one
-    the last step has sigma_t = 0 and no density (SD 2's and the tiny model's schedulers set it False),
-    and a tiny sigma_t's log-density would dominate the gradient. The paper trains on all T steps.
- 3. The random subset of steps (`--timestep_fraction`) is drawn per micro-batch, not per sample as
-    in DDPO: re-scoring uses exactly sampling's batches, so the first ratio is 1 (exactly, on CPU).
- 4. PPO's per-prompt reward statistics use each prompt's K samples of this rollout, not DDPO's
-    buffer across epochs: stateless, so resume is exact. K = 1: batch statistics, as DDPO.
- 5. LoRA on the UNet's attention projections (as DDPO); no full fine-tuning.
- 6. Several GPUs: explicit all_reduces of the LoRA gradients before each optimizer step, not DDP's,
-    which would need no_sync bookkeeping for the UNet's several passes per step.
+Deviations from the paper (their reasons and measurements: README "Implementation details"):
+ 1. log pi is the mean over the C*h*w latent dims (as DDPO's code), not the sum: eps is in its units.
+ 2. Steps with sigma_t < MIN_SIGMA have no density (log-prob stored as 0) and are never trained on.
+ 3. --timestep_fraction draws steps per micro-batch, not per sample (re-scoring = sampling's batches).
+ 4. PPO's per-prompt statistics use this rollout's K images, not a buffer across epochs (exact resume).
+ 5. LoRA on the UNet's attention projections (as DDPO), not full fine-tuning.
+ 6. Several GPUs: LoRA gradients all-reduced explicitly, not by DDP; advantages from all ranks' rewards.
  7. Prompts are drawn with replacement each epoch (the paper does not say).
- 8. Defaults fit the embedded 64x64 model on 2 CPU cores (the GPU quickstart shows SD 2's): T = 6
-    steps at w = 5, 64 images a rollout in 2 updates of 32; at 2 threads seeds 0-9 gain +0.0997 to
-    +0.310 on the held-out prompts, median +0.181 (bench/record.md).
- 9. Optional KL penalty to the base model (`--kl_coef`, 0 as the paper); a non-finite reward or
-    gradient stops the run: one NaN update would destroy the LoRA weights silently.
-10. Steps with sigma_t < `--min_train_sigma` are sampled, not trained on (0.5 trains the first 3 of
-    6; 0 trains all, as the paper): grad log pi scales as |c_t| / sigma_t, so late steps give large,
-    noisy gradients (bench/step_gradients.py) while they only refine detail.
-11. Held-out scores and the saved LoRA use a per-epoch EMA of the LoRA weights (`--ema_decay` 0.9;
-    0 = the last weights, as the paper): each update's gradient is mostly noise (cosine <= 0.05
-    between rollouts), and the average removes part of the raw weights' wander around their trend.
-12. `--adv_clip` (DDPO's 5) is in std units: normalised A (PPO: per prompt, or batch at K = 1) to
-    [-5, 5], raw A (REINFORCE, RLOO, LOOP, as the paper) to the batch mean +- 5 std; in reward units
-    it tied 77-99% of JPEG-size advantages. Shapes world: it bound only for REINFORCE (<= 2 of 64).
-
-Notation (paper symbol -> code name):
-    B prompts per rank and epoch    reward (B, K)   K samples per prompt         k
-    T denoising (DDIM) steps        num_steps       x_t, the latent at step t    latents[:, j]
-    c prompt (text embedding)       cond            log pi_theta(x_{t-1}|x_t,c)  log_prob
-    log pi_old (sampling policy)    old_log_prob    alpha_bar_t                  alpha_bar_t
-    sigma_t, DDIM std               sigma_t         eta, DDIM stochasticity      eta
-    r(x_0, c), reward               reward          b_i, leave-one-out baseline  baseline (b)
-    A_i, advantage                  advantage       rho_t, importance ratio      ratio
-    eps, PPO clip range             clip_range      w, guidance scale            guidance_scale
-Shapes: N = B*K images on a rank, (C, h, w) a latent, (3, H, W) an image, (L, D) a text embedding.
-
-Run folder (--out): config.json, metrics.jsonl (a row per epoch, row 0 the untrained held-out score;
-README "The run folder and its metrics" defines every field), samples/ (grids + captions), lora/
-(diffusers format, the EMA weights), checkpoint/ (all --resume needs); loop_utils.py writes them.
+ 8. Defaults fit the embedded model on 2 CPU cores: T = 6, w = 5, 64 images a rollout, 2 updates.
+ 9. Optional KL penalty to the base model (--kl_coef, 0 as the paper); non-finite values stop the run.
+10. Steps with sigma_t < --min_train_sigma are sampled, not trained on (0.5: the first 3 of 6).
+11. The held-out score and the saved LoRA use a per-epoch EMA of the LoRA weights (--ema_decay 0.9).
+12. --adv_clip clips A to its batch mean +- 5 std (DDPO's 5, in the units it was meant in).
+13. The loss is a mean over the trained steps (as DDPO's code), not the paper's sum over t.
+Notation: B prompts, K images per prompt (k), T steps (num_steps), N = B*K images on a rank;
+x_t latents[:, j]; c cond; log pi_theta log_prob; log pi_old old_log_prob; r(x_0, c) reward;
+b_i baseline; A_i advantage; rho_t ratio; eps clip_range; w guidance_scale; (C, h, w) a latent.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import random
 import sys
@@ -71,52 +37,31 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import loop_utils
-from loop_utils import (  # the plumbing: input checks, run folder, distributed set-up
-    NonFinite,
-    UsageError,
-    append_metrics,
-    check_finite,
-    check_finite_sample,
-    config_docs,
-    held_out_path,
-    load_checkpoint,
-    load_rewards,
-    mean_and_std_over_ranks,
-    print_summary,
-    read_metrics,  # noqa: F401 (loop.read_metrics: for the notebooks and scripts)
-    resolve_reward_and_prompts,
-    reward_options,
-    run_folder,
-    save_checkpoint,
-    save_grid,
-    save_lora,
-    setup_distributed,
-    truncate_metrics,
-    weight_dtype_for,
-    write_config,
-)
+import loop_utils  # the plumbing (flags, run folder, ranks): never needed to read the method
 
 ALGOS = ("reinforce", "rloo", "ppo", "loop")
 MIN_SIGMA = 1e-4  # steps with sigma_t below this are (almost) deterministic: Deviation 2
 EVAL_SEED = 1234  # held-out noise: the same for every epoch, run and algorithm
 STAT_KEYS = ("approx_kl", "clipfrac", "ratio_mean", "grad_norm", "kl")
-RATIO_TOLERANCE = 1e-6  # a fresh rollout's max |log rho_t| above this is warned about
+UPDATE_KEYS = ("clipfrac_by_update", "zeroed_by_update", "log_ratio_mean_by_update",
+               "log_ratio_rms_by_update")  # fmt: skip
+RATIO_TOLERANCE = 1e-6  # a fresh rollout's max |log rho_t| above this is worth a look (GPU)
 
 
-# === Config: every knob in one place (the defaults fit the tiny CPU model; tune them here)
+# === Config: every knob in one place. Annotated: the values a flag may take (checked as it is used)
 @dataclass
 class Config:
-    algo: str = "loop"
-    """estimator: reinforce | rloo | ppo | loop"""
-    k: int = 4
-    """K, images sampled per prompt (>= 2 for rloo and loop); in [1, inf)"""
+    algo: Annotated[str, ALGOS] = "loop"
+    """the estimator"""
+    k: Annotated[int, "[1, inf)"] = 4
+    """K, images sampled per prompt (>= 2 for rloo and loop)"""
     reward: str = "color"
     """r(x_0, c): a name in rewards.REWARD_NAMES (shapes-world model: color -> shapes_color)"""
     reward_options: str = ""
@@ -129,62 +74,62 @@ class Config:
     """held-out prompt file (default: the *_val.txt next to the training file)"""
     prompt_dir: str = ""
     """folder with T2I-CompBench's <category>_train.txt and <category>_val.txt"""
-    num_eval_prompts: int = 64
-    """held-out prompts scored at each evaluation (the file's first ones); in [1, inf)"""
-    eval_images_per_prompt: int = 2
-    """fixed-noise images per held-out prompt (more: a less noisy held-out score); in [1, inf)"""
-    lr: float = 4e-3
-    """AdamW learning rate of the LoRA weights; in (0, inf)"""
-    lora_rank: int = 8
-    """LoRA rank r (alpha = r); in [1, inf)"""
+    num_eval_prompts: Annotated[int, "[1, inf)"] = 64
+    """held-out prompts scored at each evaluation (the file's first ones)"""
+    eval_images_per_prompt: Annotated[int, "[1, inf)"] = 2
+    """fixed-noise images per held-out prompt (more: a less noisy held-out score)"""
+    lr: Annotated[float, "(0, inf)"] = 4e-3
+    """AdamW learning rate of the LoRA weights"""
+    lora_rank: Annotated[int, "[1, inf)"] = 8
+    """LoRA rank r (alpha = r)"""
     lora_modules: str = "to_k,to_q,to_v,to_out.0"
     """comma-separated UNet module names that get LoRA (attn2.to_k: cross-attention only)"""
-    epochs: int = 48
-    """epochs; one epoch = one rollout of images_per_epoch images and its updates; in [1, inf)"""
-    images_per_epoch: int = 64
-    """B*K*ranks, images per rollout (fixed for equal-budget comparisons); in [1, inf)"""
-    num_steps: int = 6
-    """T, DDIM steps per image; in [1, inf)"""
-    eta: float = 1.0
-    """eta, DDIM stochasticity (> 0: the policy must be stochastic; 1 = DDPM's); in (0, 1]"""
-    guidance_scale: float = 5.0
-    """w, classifier-free guidance scale (<= 1: no guidance, one UNet pass per step); in [0, inf)"""
-    clip_range: float = 1e-4
-    """eps, PPO clip range on rho_t (for mean-reduced log-probs, Deviation 1); in (0, 1)"""
-    adv_clip: float = 5.0
-    """advantage clip in units of the batch's std (0 = off; DDPO's 5; Deviation 12); in [0, inf)"""
-    normalize_advantage: str = "auto"
-    """off | batch | group-std (GRPO-style) | auto = the paper's choice per algorithm"""
-    inner_epochs: int = 1
-    """passes over each rollout (reinforce/rloo: > 1 update reuses stale samples); in [1, inf)"""
-    minibatch: int = 0
-    """samples per optimizer step, all ranks (0: rollout if reinforce/rloo, else half); in [0, inf)"""
-    micro_batch: int = 32
-    """samples per forward/backward on a rank (gradient accumulation, in samples); in [1, inf)"""
-    min_train_sigma: float = 0.5
-    """steps with sigma_t below this are sampled but not trained on (Deviation 10); in [0, inf)"""
-    ema_decay: float = 0.9
-    """per-epoch EMA of the LoRA weights, evaluated, saved (0: the last; Deviation 11); in [0, 1)"""
-    timestep_fraction: float = 1.0
-    """fraction of the trained steps used, drawn per micro-batch (Deviation 3); in (0, 1]"""
-    kl_coef: float = 0.0
-    """beta, KL penalty to the base model (LoRA adapter switched off; 0 = the paper); in [0, inf)"""
-    max_grad_norm: float = 1.0
-    """gradient-norm clip (inf: none); in (0, inf]"""
-    eval_every: int = 24
-    """score the held-out prompts every this many epochs (and first and last); in [1, inf)"""
+    epochs: Annotated[int, "[1, inf)"] = 48
+    """epochs; one epoch = one rollout of images_per_epoch images and its updates"""
+    images_per_epoch: Annotated[int, "[1, inf)"] = 64
+    """B*K*ranks, images per rollout (fixed for equal-budget comparisons)"""
+    num_steps: Annotated[int, "[1, inf)"] = 6
+    """T, DDIM steps per image"""
+    eta: Annotated[float, "(0, 1]"] = 1.0
+    """eta, DDIM stochasticity (> 0: the policy must be stochastic; 1 = DDPM's)"""
+    guidance_scale: Annotated[float, "[0, inf)"] = 5.0
+    """w, classifier-free guidance scale (<= 1: no guidance, one UNet pass per step)"""
+    clip_range: Annotated[float, "(0, 1)"] = 1e-4
+    """eps, PPO clip range on rho_t (for mean-reduced log-probs, Deviation 1)"""
+    adv_clip: Annotated[float, "[0, inf)"] = 5.0
+    """advantage clip in units of the batch's std (0 = off; DDPO's 5; Deviation 12)"""
+    normalize_advantage: Annotated[str, ("auto", "off", "batch", "group-std")] = "auto"
+    """group-std: per prompt (GRPO-style); auto = the paper's choice per algorithm"""
+    inner_epochs: Annotated[int, "[1, inf)"] = 1
+    """passes over each rollout (reinforce/rloo: > 1 update reuses stale samples)"""
+    minibatch: Annotated[int, "[0, inf)"] = 0
+    """samples per optimizer step, all ranks (0: rollout if reinforce/rloo, else half)"""
+    micro_batch: Annotated[int, "[1, inf)"] = 32
+    """samples per forward/backward on a rank (gradient accumulation, in samples)"""
+    min_train_sigma: Annotated[float, "[0, inf)"] = 0.5
+    """steps with sigma_t below this are sampled but not trained on (Deviation 10)"""
+    ema_decay: Annotated[float, "[0, 1)"] = 0.9
+    """per-epoch EMA of the LoRA weights, evaluated, saved (0: the last; Deviation 11)"""
+    timestep_fraction: Annotated[float, "(0, 1]"] = 1.0
+    """fraction of the trained steps used, drawn per micro-batch (Deviation 3)"""
+    kl_coef: Annotated[float, "[0, inf)"] = 0.0
+    """beta, KL penalty to the base model (LoRA adapter switched off; 0 = the paper)"""
+    max_grad_norm: Annotated[float, "(0, inf]"] = 1.0
+    """gradient-norm clip (inf: none)"""
+    eval_every: Annotated[int, "[1, inf)"] = 24
+    """score the held-out prompts every this many epochs (and first and last)"""
     eval_raw: bool = False
     """also score the raw (not averaged) LoRA weights at each evaluation: eval_raw_reward_mean"""
-    seed: int = 0
-    """seed of the LoRA init, the prompts and the sampling noise; in [0, inf)"""
+    seed: Annotated[int, "[0, 9.2e18]"] = 0
+    """seed of the LoRA init, the prompts and the sampling noise (torch's 64-bit range)"""
     out: str = ""
     """run folder (default runs/<algo>-<reward>-k<K>-<time>)"""
     resume: str = ""
     """run folder to continue; may change only --epochs --eval_every --eval_raw --micro_batch --device"""
-    mixed_precision: str = "auto"
-    """no | bf16 | fp16 (loss-scaled) frozen weights (auto: bf16 on GPUs of compute >= 8.0, else no)"""
-    device: str = "auto"
-    """cpu | cuda | auto"""
+    mixed_precision: Annotated[str, ("auto", "no", "bf16", "fp16")] = "auto"
+    """frozen weights' dtype (fp16: loss-scaled; auto: bf16 on GPUs of compute >= 8.0, else no)"""
+    device: Annotated[str, ("auto", "cpu", "cuda")] = "auto"
+    """where to train"""
 
 
 # === 1. The denoising MDP: a DDIM step with eta > 0 is a Gaussian policy pi_theta(x_{t-1} | x_t, c)
@@ -229,7 +174,7 @@ def predicted_x0_and_eps(model_output, x_t, alpha_bar_t, prediction_type: str, c
         x0_hat = alpha_bar_t**0.5 * x_t - (1 - alpha_bar_t) ** 0.5 * model_output
         eps_hat = alpha_bar_t**0.5 * model_output + (1 - alpha_bar_t) ** 0.5 * x_t
     else:
-        raise UsageError(f"prediction_type {prediction_type!r}: use an epsilon or v model")
+        raise ValueError(f"prediction_type {prediction_type!r}: use an epsilon or v model")
     if clip is not None:  # the scheduler's clip_sample (off for Stable Diffusion)
         x0_hat = x0_hat.clamp(-clip, clip)
     return x0_hat, eps_hat
@@ -361,7 +306,6 @@ def rollout(
         cond = encode_prompts(models.tokenizer, models.text_encoder, chunk).float()  # (n, L, D)
         x_T_rows = x_T[rows].to(models.device)
         latents, log_probs = sample_trajectories(policy, cond, x_T_rows, step_noise[rows])
-        check_finite_sample(latents, log_probs)  # else the reward would be blamed
         images = decode_images(models.vae, latents[:, -1])  # (n, 3, H, W)
         scores.append(score_images(reward_fn, images, chunk))
         parts.append((latents, log_probs, cond, images.cpu()))  # training needs no image
@@ -418,6 +362,8 @@ def compute_advantages(
         advantage, paper = reward, "group-std" if reward.shape[1] > 1 else "batch"
     elif algo == "loop":
         advantage, paper = leave_one_out_advantage(reward), "off"  # A_i = r_i - b_i, as in RLOO
+    else:
+        raise ValueError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
     how = paper if normalization == "auto" else normalization
     advantage = normalize(advantage, how)
     fraction = 0.0
@@ -453,20 +399,15 @@ def clipped_objective(log_prob, old_log_prob, advantage, clip_range: float) -> t
 
 
 def policy_loss(algo: str, log_prob, old_log_prob, advantage, clip_range: float):
-    """Loss of one DDIM step, one visible branch per algorithm; we minimise -J.  (N,) -> ()"""
-    if algo == "reinforce":
-        # grad J = sum_t grad log pi(x_{t-1} | x_t, c) r(x_0, c)
+    """Loss of one DDIM step; we minimise -J. REINFORCE and RLOO differ only in their advantage A
+    (compute_advantages), as PPO and LOOP do: the objective is shared pairwise.  (N,) -> ()"""
+    if algo in ("reinforce", "rloo"):
+        # grad J = sum_t grad log pi(x_{t-1} | x_t, c) A,   A = r (REINFORCE) or r_i - b_i (RLOO)
         return -reinforce_objective(log_prob, advantage).mean()
-    if algo == "rloo":
-        # grad J = sum_t grad log pi(x_{t-1} | x_t, c) (r_i - b_i)
-        return -reinforce_objective(log_prob, advantage).mean()
-    if algo == "ppo":
-        # J = min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A), A from per-prompt statistics
+    if algo in ("ppo", "loop"):
+        # J = min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A),   A normalised (PPO) or r_i - b_i (LOOP)
         return -clipped_objective(log_prob, old_log_prob, advantage, clip_range).mean()
-    if algo == "loop":
-        # J = min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i), A_i = r_i - b_i
-        return -clipped_objective(log_prob, old_log_prob, advantage, clip_range).mean()
-    raise UsageError(f"unknown --algo {algo!r}; choose one of {', '.join(ALGOS)}")
+    raise ValueError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
 
 
 def gaussian_kl(mean, ref_mean, sigma_t) -> torch.Tensor:
@@ -508,13 +449,15 @@ def load_models(
         )
     except (OSError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(
+        raise loop_utils.UsageError(
             f"could not load --model {model} ({reason}); pass a local Stable "
             "Diffusion folder, or a hub id on a machine online"
         ) from None
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if scheduler.config.thresholding:
-        raise UsageError("the scheduler uses dynamic thresholding, which DDIM's log-prob lacks")
+        raise loop_utils.UsageError(
+            "the scheduler uses dynamic thresholding, which DDIM's log-prob lacks"
+        )
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False).eval().to(device)
     torch.manual_seed(seed)  # the same LoRA init on every rank
@@ -525,7 +468,7 @@ def load_models(
     try:
         pipe.unet.add_adapter(lora)
     except ValueError as error:  # peft: none of the target modules exists in this UNet
-        raise UsageError(f"--lora_modules {lora_modules}: {error}") from None
+        raise loop_utils.UsageError(f"--lora_modules {lora_modules}: {error}") from None
     for p in lora_parameters(pipe.unet):  # LoRA and its optimizer state in fp32
         p.data = p.data.float()
     uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""]).float()  # (1, L, D)
@@ -604,23 +547,26 @@ def rescore(policy: Policy, batch: Rollout, rows: slice, j: int):
 
 def train_on_rollout(policy: Policy, batch: Rollout, advantage, cfg: Config, optimizer, rng,
                      sizes: dict, show=False, scaler=None) -> dict:  # fmt: skip
-    """inner_epochs passes of minibatch updates over one rollout; returns mean statistics.
-    scaler: fp16's loss scaler (without one, fp16 gradients of log pi underflow, often to exactly 0)."""
+    """inner_epochs passes of minibatch updates over one rollout; returns mean statistics, and per
+    optimizer step (*_by_update) the shares of terms outside the clip range and zeroed by it and
+    log rho's mean and rms. scaler: fp16's loss scaler (without one, fp16 gradients underflow)."""
     params, stats = lora_parameters(policy.unet), {key: [] for key in STAT_KEYS}
+    by_update = {key: [] for key in UPDATE_KEYS}
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-    trainable = trained_steps(policy.schedule, cfg.min_train_sigma)
+    trainable, eps = trained_steps(policy.schedule, cfg.min_train_sigma), cfg.clip_range
     n_steps = max(1, round(cfg.timestep_fraction * len(trainable)))
     n, mb, micro = len(advantage), sizes["minibatch_per_rank"], sizes["micro_batch"]
     # one optimizer step per minibatch of mb samples (micro at a time), inner_epochs passes
     minibatches = [range(first, first + mb, micro) for first in range(0, n, mb)] * cfg.inner_epochs
     for micro_starts in tqdm(minibatches, "training", leave=False, disable=not show):
         optimizer.zero_grad()
+        terms = {key: [] for key in UPDATE_KEYS}  # one value per (micro-batch, step)
         for start in micro_starts:
             rows = slice(start, start + micro)
             for j in sorted(rng.sample(trainable, n_steps)):  # per micro-batch: Deviation 3
                 log_prob, mean = rescore(policy, batch, rows, j)
                 old_log_prob, adv = batch.log_probs[rows, j], advantage[rows]
-                loss = policy_loss(cfg.algo, log_prob, old_log_prob, adv, cfg.clip_range)
+                loss = policy_loss(cfg.algo, log_prob, old_log_prob, adv, eps)
                 if cfg.kl_coef > 0:
                     with torch.no_grad(), base_model(policy.unet):
                         ref_mean = rescore(policy, batch, rows, j)[1]
@@ -631,41 +577,55 @@ def train_on_rollout(policy: Policy, batch: Rollout, advantage, cfg: Config, opt
                 scaler.scale(loss * micro / mb / n_steps).backward()
                 with torch.no_grad():
                     ratio = importance_ratio(log_prob, old_log_prob)
-                    clipped = (ratio - 1).abs() > cfg.clip_range
+                    log_ratio, outside = (log_prob - old_log_prob), (ratio - 1).abs() > eps
+                    # min() keeps the clipped side, whose gradient is 0, where A > 0 and rho > 1 + eps
+                    # or A < 0 and rho < 1 - eps (PPO, LOOP; REINFORCE and RLOO clip nothing)
+                    zeroed = ((adv > 0) & (ratio > 1 + eps)) | ((adv < 0) & (ratio < 1 - eps))
+                    zeroed = zeroed & (cfg.algo in ("ppo", "loop"))
                     stats["approx_kl"].append(0.5 * (ratio.log() ** 2).mean().item())
-                    stats["clipfrac"].append(clipped.float().mean().item())
+                    stats["clipfrac"].append(outside.float().mean().item())
                     stats["ratio_mean"].append(ratio.mean().item())
+                    terms["clipfrac_by_update"].append(outside.float().mean().item())
+                    terms["zeroed_by_update"].append(zeroed.float().mean().item())
+                    terms["log_ratio_mean_by_update"].append(log_ratio.mean().item())
+                    terms["log_ratio_rms_by_update"].append((log_ratio**2).mean().item())
+        for key, values in terms.items():
+            by_update[key].append(float(np.mean(values)))
         sync_gradients(params)
         scaler.unscale_(optimizer)  # fp16: true units before the clip (a no-op otherwise)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if not torch.isfinite(grad_norm) and not scaler.is_enabled():
-            raise NonFinite("the LoRA gradient", optimizer.state != {})  # (state: updated)
+            raise loop_utils.NonFinite(
+                "the LoRA gradient", optimizer.state != {}
+            )  # (state: updated)
         scaler.step(optimizer)  # fp16: skipped (and the scale halved) when it overflowed
         scaler.update()
         if torch.isfinite(grad_norm):
             stats["grad_norm"].append(grad_norm.item())
-    return {key: float(np.mean(v)) if v else None for key, v in stats.items()}
+    by_update["log_ratio_rms_by_update"] = [
+        math.sqrt(v) for v in by_update["log_ratio_rms_by_update"]
+    ]
+    return {key: float(np.mean(v)) if v else None for key, v in stats.items()} | by_update
 
 
 def check_first_ratio(models: Models, policy: Policy, prompts, steps: list[int], show=False):
-    """max |log rho_t| of a fresh micro-batch re-scored as training does (with grad), returned and
-    printed: exactly 0 on the CPU; a GPU may pick other kernels with grad than without, and every
-    update's first ratio starts that far from 1 (eps is 1e-4). Warns above RATIO_TOLERANCE."""
+    """max |log rho_t| of a fresh micro-batch re-scored as training does (with grad): exactly 0 on
+    the CPU. A GPU may pick other kernels with grad than without; every update's first ratio then
+    starts that far from 1 (main stops the run if that is near eps)."""
     generator = torch.Generator().manual_seed(EVAL_SEED)
     T = len(policy.schedule.timesteps)
     x_T, step_noise = draw_noise(generator, len(prompts), T, models.latent_shape)
     cond = encode_prompts(models.tokenizer, models.text_encoder, prompts).float()  # (n, L, D)
     latents, log_probs = sample_trajectories(policy, cond, x_T.to(models.device), step_noise)
-    check_finite_sample(latents, log_probs)
-    batch, rows = Rollout(latents, log_probs, cond, torch.zeros(0)), slice(None)
+    loop_utils.check_finite(prompts, torch.zeros(len(prompts)), latents, log_probs)
+    batch = Rollout(latents, log_probs, cond, torch.zeros(0))
     # log rho_t = log pi_theta(x_{t-1} | x_t, c) - log pi_old(x_{t-1} | x_t, c)
-    log_ratios = [rescore(policy, batch, rows, j)[0].detach() - log_probs[:, j] for j in steps]
+    log_ratios = [
+        rescore(policy, batch, slice(None), j)[0].detach() - log_probs[:, j] for j in steps
+    ]
     worst = max(r.abs().max().item() for r in log_ratios)
     if show:
         print(f"first importance ratio: max |log rho_t| = {worst:.2e} ({len(prompts)} samples)")
-    if worst > RATIO_TOLERANCE:  # sampling and re-scoring ran different kernels
-        far = f"max |log rho_t| = {worst:.2e} > {RATIO_TOLERANCE}; so is every update's first"
-        print(f"warning: re-scoring a fresh rollout gives {far}", file=sys.stderr)
     return worst
 
 
@@ -681,71 +641,29 @@ def evaluate(models: Models, policy: Policy, prompts, reward_fn, micro_batch: in
     starts = range(0, len(prompts), micro_batch)[rank::world]
     mine = [i for start in starts for i in range(start, min(start + micro_batch, len(prompts)))]
     reward, images = torch.zeros(0), torch.zeros(0, 3, models.resolution, models.resolution)
+    latents = torch.zeros(0)
     if mine:
         batch, reward = rollout(models, policy, [prompts[i] for i in mine], x_T[mine],
                                 step_noise[mine], reward_fn, micro_batch, show, "evaluating")  # fmt: skip
-        images = batch.images
+        images, latents = batch.images, batch.latents
+    loop_utils.check_finite([prompts[i] for i in mine], reward, latents)  # on every rank
     if world > 1:  # every rank gets every (rows, rewards, images)
         shards = [None] * world
         dist.all_gather_object(shards, (mine, reward, images))
         mine = [i for rows, _, _ in shards for i in rows]
         reward, images = (torch.cat([shard[f] for shard in shards]) for f in (1, 2))
     order = torch.argsort(torch.tensor(mine))  # back to the prompts' order
-    check_finite(reward[order], prompts, models.device)
     return reward[order], images[order]
 
 
-# === main's steps: checks that need Config (the rest: loop_utils.py), run start, epoch inputs
-def check_config(cfg: Config, world: int) -> dict:
-    """Reject bad input with one clear line; return the derived sizes printed at start-up."""
-    return loop_utils.check_config(cfg, world, ALGOS)
-
-
-def resolve_model_path(model: str) -> str:
-    """A local diffusers folder (as given, or next to loop.py) or a hub id 'org/name'."""
-    return loop_utils.resolve_model_path(model, embedded=Config.model)
-
-
-def check_trained_steps(schedule: Schedule, cfg: Config) -> list[int]:
-    """The steps the updates train on; stop with one clear line when there is none."""
-    if not schedule.trainable.any():
-        raise UsageError(f"--eta {cfg.eta} leaves every sigma_t < {MIN_SIGMA}; raise --eta")
-    if not (steps := trained_steps(schedule, cfg.min_train_sigma)):
-        raise UsageError(
-            f"--min_train_sigma {cfg.min_train_sigma} excludes every step (the largest "
-            f"sigma_t is {schedule.sigma_t.max():.3g}); pass --min_train_sigma 0 to train all "
-            "steps, as the paper"
-        )
-    return steps
-
-
-def start_run(run: Path, cfg: Config, models, policy, prompts, reward_fn, optimizer, ema, micro):
-    """New run folder (rank 0 writes): config.json, the untrained model's held-out score (every
-    rank scores its share; returned), checkpoint 0."""
-    show = not dist.is_initialized() or dist.get_rank() == 0
-    if show:
-        write_config(run, cfg)
-    tic = time.time()
-    reward, images = evaluate(models, policy, prompts, reward_fn, micro, show)
-    row = {"epoch": 0, "images_seen": 0, "reward_mean": None, "reward_std": None}
-    row |= {"eval_reward_mean": reward.mean().item(), "eval_seconds": time.time() - tic}
-    row |= {**dict.fromkeys(STAT_KEYS), "seconds": 0.0}
-    if cfg.eval_raw:  # before training the raw weights are the averaged ones
-        row["eval_raw_reward_mean"] = row["eval_reward_mean"]
-    if show:
-        save_grid(held_out_path(run, 0), images, prompts, reward)
-        append_metrics(run, row)
-        save_checkpoint(run, models.unet, optimizer, ema, 0)  # from here on, --resume works
-    return row["eval_reward_mean"]
-
-
-def held_out_scores(models, policy, params, ema, prompts, reward_fn, micro, eval_raw, show):
-    """The EMA weights' held-out score (and the raw weights' with --eval_raw), every rank scoring
-    its share: the metrics row's fields, the rewards and the images."""
+def held_out_row(models, policy, params, ema, prompts, reward_fn, micro, eval_raw, show=False):
+    """The metrics row's held-out fields (the EMA weights' score; with eval_raw, the raw weights'
+    too), the rewards and the images."""
     tic, row = time.time(), {}
     if eval_raw:  # the weights trained on, before the EMA is swapped in
-        raw = evaluate(models, policy, prompts, reward_fn, micro)[0]
-        row["eval_raw_reward_mean"] = raw.mean().item()
+        row["eval_raw_reward_mean"] = (
+            evaluate(models, policy, prompts, reward_fn, micro)[0].mean().item()
+        )
     with swapped_in(params, ema):
         reward, images = evaluate(models, policy, prompts, reward_fn, micro, show)
     row |= {"eval_reward_mean": reward.mean().item(), "eval_seconds": time.time() - tic}
@@ -763,164 +681,92 @@ def epoch_inputs(cfg: Config, rank: int, epoch: int, train_prompts, n: int, late
     return rng, prompts, x_T, step_noise
 
 
-# === main: seed, device, load, optimise in a loop, log, save
+# === The loop: load, then each epoch rollout -> rewards -> advantages -> updates -> log, checkpoint
 def main(cfg: Config) -> Path:
-    rank, world, device = setup_distributed(cfg)
-    # CPU: denormal floats (e.g. from near-zero advantages) run ~100x slower; flush them to 0
-    torch.set_flush_denormal(True)
-    sizes = check_config(cfg, world)
-    model_path = resolve_model_path(cfg.model)
-    loop_utils.check_num_steps(cfg.num_steps, model_path)
-    reward_name, train_prompts, eval_prompts = resolve_reward_and_prompts(cfg, model_path)
-    prompts = {"training": train_prompts, "held-out": eval_prompts}
-    loop_utils.check_prompts(model_path, reward_name, prompts)
-    options = reward_options(reward_name, cfg.prompt_dir, cfg.reward_options)
-    show = rank == 0  # rank 0 prints and writes
-    run = run_folder(cfg, writer=show)
-    with loop_utils.claimed(run, fresh=not cfg.resume, writer=show):  # locked, writable
-        try:
-            return train(cfg, run, rank, world, device, sizes, model_path, reward_name, options,
-                         train_prompts, eval_prompts)  # fmt: skip
-        except NonFinite as error:  # the epoch that failed is the checkpoint's next one
-            epoch = loop_utils.checkpoint_epoch(run) or 0
-            advice = loop_utils.non_finite_advice(error, cfg, epoch, epoch > 0 or error.args[1])
-            raise UsageError(advice) from None
+    """Train as cfg says; returns the run folder. Every input is checked before anything is written
+    (loop_utils.prepare); the folder is this process's alone while it trains (loop_utils.claimed)."""
+    run = loop_utils.prepare(cfg, ALGOS)
+    torch.set_flush_denormal(True)  # CPU: denormal floats (near-zero advantages) run ~100x slower
+    with loop_utils.claimed(run, cfg):
+        train(cfg, run)
+    return run.folder
 
 
-def train(cfg: Config, run: Path, rank: int, world: int, device, sizes: dict, model_path: str,
-          reward_name: str, options: dict, train_prompts: list[str],
-          eval_prompts: list[str]) -> Path:  # fmt: skip
-    """main's run in its claimed folder: load, optimise in a loop, log, save."""
-    show = rank == 0
-    if show:
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
-        print("derived:", json.dumps(sizes))
-        held_out = f"{len(eval_prompts)} held-out images ({cfg.eval_images_per_prompt} per prompt)"
-        print(f"reward {reward_name}: {len(train_prompts)} training prompts, {held_out}")
-
-    # Load: the reward (first: a missing download fails fast), frozen pipeline (bf16 on GPU), fp32
-    # LoRA (fp16: with a loss scaler), the DDIM policy.
-    reward_fn, eval_reward_fn = load_rewards(reward_name, options, device)
-    weight_dtype = weight_dtype_for(cfg.mixed_precision, device)
-    models = load_models(model_path, device, weight_dtype, cfg.lora_rank, cfg.seed,
+def train(cfg: Config, run: loop_utils.Run) -> None:
+    # Load: the reward first (a missing download fails fast), the frozen pipeline, fp32 LoRA, pi_theta
+    reward_fn, eval_reward_fn = loop_utils.load_rewards(run)
+    models = load_models(run.model, run.device, run.weight_dtype, cfg.lora_rank, cfg.seed,
                          cfg.lora_modules)  # fmt: skip
     policy = make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
-    steps = check_trained_steps(policy.schedule, cfg)
+    steps = trained_steps(policy.schedule, cfg.min_train_sigma)
+    loop_utils.check_steps(steps, policy.schedule.sigma_t, MIN_SIGMA, cfg)
     params = lora_parameters(models.unet)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)  # DDPO's decay
-    scaler = torch.amp.GradScaler(device.type, enabled=weight_dtype == torch.float16)
-    if show:
-        print(
-            f"model {model_path}: {models.resolution}px, latent {models.latent_shape}, "
-            f"{sum(p.numel() for p in params)} LoRA weights, {device}, {weight_dtype}, "
-            f"{int(policy.schedule.trainable.sum())}/{cfg.num_steps} steps with sigma_t > 0, "
-            f"{len(steps)} trained"
-        )
-    for p in params if world > 1 else []:  # every rank starts from rank 0's LoRA
-        dist.broadcast(p.data, src=0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)  # DDPO's weight decay
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.weight_dtype == torch.float16)
+    loop_utils.broadcast(params)  # every rank starts from rank 0's LoRA
     ema = [p.detach().clone() for p in params]  # the weights evaluated and saved (Deviation 11)
+    state = (models.unet, optimizer, ema, scaler)  # what a checkpoint holds
+    loop_utils.print_start(cfg, run, models, steps, sum(p.numel() for p in params))
+    start = loop_utils.load_checkpoint(run, *state) if cfg.resume else 0
+    worst = check_first_ratio(models, policy, run.eval_prompts[: run.micro], steps, run.writer)
+    loop_utils.check_ratio_noise(worst, cfg.clip_range)
+    micro, evaluating = run.micro, (models, policy, params, ema, run.eval_prompts, eval_reward_fn)
+    if start == 0:  # row 0: the untrained model's held-out score (the EMA = the raw weights)
+        held_out, eval_reward, images = held_out_row(*evaluating, micro, False, run.writer)
+        row = {"epoch": 0, "images_seen": 0, "reward_mean": None, "reward_std": None, **held_out}
+        row |= dict.fromkeys(STAT_KEYS) | {"eval_raw_reward_mean": held_out["eval_reward_mean"]}
+        row["seconds"] = 0.0
+        loop_utils.save_epoch(run, row, {"eval": (images, run.eval_prompts, eval_reward)}, *state)
 
-    # The run folder: continue from its checkpoint, or start it with the untrained score.
-    start_epoch, micro = 0, sizes["micro_batch"]
-    if cfg.resume:
-        start_epoch = load_checkpoint(run, models.unet, optimizer, ema, scaler)
-        if show:
-            if not (run / "metrics.jsonl").is_file():
-                print(f"warning: {run}/metrics.jsonl is gone: rows from epoch {start_epoch + 1} on")
-            truncate_metrics(run, start_epoch + 1)
-            print(f"resumed {run} at epoch {start_epoch}")
-    check_first_ratio(models, policy, eval_prompts[:micro], steps, show)
-    if not cfg.resume:
-        score = start_run(run, cfg, models, policy, eval_prompts, eval_reward_fn, optimizer,
-                          ema, micro)  # fmt: skip
-        if show:
-            print(f"held-out {reward_name} before training: {score:.4f}")
-    if world > 1:
-        dist.barrier()
-
-    # Optimise: each epoch = one rollout of B*K images per rank, then the algorithm's updates.
-    n_images = sizes["images_per_rank"]
-    for epoch in tqdm(range(start_epoch, cfg.epochs), f"{cfg.algo} epochs", disable=not show):
+    for epoch in tqdm(range(start, cfg.epochs), f"{cfg.algo} epochs", disable=not run.writer):
         tic = time.time()
-        rng, prompts, x_T, step_noise = epoch_inputs(cfg, rank, epoch, train_prompts, n_images,
-                                                     models.latent_shape)  # fmt: skip
-        batch, reward = rollout(models, policy, prompts, x_T, step_noise, reward_fn, micro, show)
-        check_finite(reward, prompts, device)  # on every rank: all stop together
-        groups, clip = reward.view(-1, cfg.k), {}  # (B*K,) -> (B, K); clip: adv_clipfrac
-        advantage = compute_advantages(cfg.algo, groups, cfg.normalize_advantage, cfg.adv_clip,
-                                       clip).to(device)  # fmt: skip
-        stats = train_on_rollout(policy, batch, advantage, cfg, optimizer, rng, sizes, show,
-                                 scaler) | clip  # fmt: skip
+        # Rollout: B prompts x K images per rank, trajectories and log pi_old, rewards r(x_0, c)
+        rng, prompts, x_T, step_noise = epoch_inputs(cfg, run.rank, epoch, run.train_prompts,
+                                                     run.images_per_rank, models.latent_shape)  # fmt: skip
+        batch, reward = rollout(
+            models, policy, prompts, x_T, step_noise, reward_fn, micro, run.writer
+        )
+        loop_utils.check_finite(prompts, reward, batch.latents, batch.log_probs)
+        # Advantages: from every rank's rewards (B*K*ranks,) -> (B*ranks, K); this rank keeps its rows
+        stats, everyone = {}, loop_utils.gather(reward)
+        advantage = compute_advantages(cfg.algo, everyone.view(-1, cfg.k), cfg.normalize_advantage,
+                                       cfg.adv_clip, stats)  # fmt: skip
+        mine = slice(run.rank * len(reward), (run.rank + 1) * len(reward))
+        # Updates: minibatches of the clipped (or plain) objective, then the EMA of the weights
+        stats |= train_on_rollout(policy, batch, advantage[mine].to(run.device), cfg, optimizer, rng,
+                                  run.sizes, run.writer, scaler)  # fmt: skip
         update_ema(ema, params, cfg.ema_decay)
-        if show and not stats["grad_norm"]:  # None: every step skipped; 0: every gradient 0
-            tqdm.write(
-                f"warning: epoch {epoch + 1}: the LoRA gradient was exactly zero (or non-finite) "
-                "at every update: nothing learned (all advantages zero? fp16 underflow?)"
-            )
-
-        # Evaluate (every rank its share), log, save: rank 0 writes, the checkpoint last.
-        reward_mean, reward_std = mean_and_std_over_ranks(reward, device)
+        # Log, evaluate (every eval_every epochs and the last), save the LoRA, checkpoint
         row = {"epoch": epoch + 1, "images_seen": (epoch + 1) * cfg.images_per_epoch}
-        row |= {"reward_mean": reward_mean, "reward_std": reward_std}
-        row |= {"eval_reward_mean": None, "eval_seconds": None, **stats}
+        row |= dict(zip(("reward_mean", "reward_std"), loop_utils.mean_and_std(everyone)))
+        row |= {"eval_reward_mean": None, "eval_seconds": None, "eval_raw_reward_mean": None}
+        row |= loop_utils.mean_over_ranks(stats)
+        grids = {"train": (batch.images[:16], prompts[:16], reward[:16])}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            scores, eval_reward, images = held_out_scores(models, policy, params, ema,
-                eval_prompts, eval_reward_fn, micro, cfg.eval_raw, show)  # fmt: skip
-            row |= scores
-            if show:
-                save_grid(held_out_path(run, epoch + 1), images, eval_prompts, eval_reward)
-        if show:
-            train_grid = run / "samples" / f"train_epoch_{epoch + 1:04d}.png"
-            save_grid(train_grid, batch.images[:16], prompts[:16], reward[:16])
-            with swapped_in(params, ema):
-                save_lora(models.unet, run / "lora")
-            append_metrics(run, row | {"seconds": time.time() - tic - (row["eval_seconds"] or 0)})
-            save_checkpoint(run, models.unet, optimizer, ema, epoch + 1, scaler)
-            tqdm.write(
-                f"epoch {epoch + 1}: reward {reward_mean:.4f} clipfrac "
-                f"{stats['clipfrac']:.3f} held-out {row['eval_reward_mean']}"
+            held_out, eval_reward, images = held_out_row(
+                *evaluating, micro, cfg.eval_raw, run.writer
             )
-        if world > 1:
-            dist.barrier()
-
-    if show:
-        print_summary(run, reward_name, models.resolution)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return run
-
-
-# === Command line (fire): every Config field is a --flag
-def config_from_flags(flags: dict) -> Config:
-    """A Config from --flags, type-checked; a --resume may change only loop_utils.RESUMABLE."""
-    return loop_utils.config_from_flags(flags, Config)
+            row |= held_out
+            grids["eval"] = (images, run.eval_prompts, eval_reward)
+        with swapped_in(params, ema):
+            loop_utils.save_lora(run, models.unet)
+        row["seconds"] = time.time() - tic - (row["eval_seconds"] or 0)
+        loop_utils.save_epoch(run, row, grids, *state)
+    loop_utils.finish(run, models.resolution)
 
 
+# === Command line (fire): every Config field is a --flag; loop_utils checks them before fire runs
 def cli(**flags) -> None:
-    if flags.pop("help", False) or flags.pop("h", False):
-        docs = config_docs(Config)
-        lines = [f"  --{name} (default {getattr(Config, name)!r}): {docs[name]}" for name in docs]
-        print("python loop.py [--flag value ...]\n" + "\n".join(lines))
-        return
-    try:
-        main(config_from_flags(flags))
-    except loop_utils.Interrupted as error:
-        print(error, file=sys.stderr)
-        sys.exit(130)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # before the run folder was claimed
-        print("interrupted before the run started: nothing was written", file=sys.stderr)
-        sys.exit(130)
+    """python loop.py [--flag value ...]: one line and exit 2 for bad input, 130 when interrupted."""
+    with loop_utils.one_line_errors():
+        if flags.pop("help", False) or flags.pop("h", False):
+            return print(loop_utils.help_text(Config))
+        main(loop_utils.config_from_flags(flags, Config))
 
 
 if __name__ == "__main__":
     import fire
 
-    try:  # fire would read `--lr` alone as 1.0 and reject a stray word only after the run
+    with loop_utils.one_line_errors():
         loop_utils.check_argv(sys.argv[1:], typing.get_type_hints(Config))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     fire.Fire(cli)
