@@ -120,7 +120,7 @@ class Config:
     """score the held-out prompts every this many epochs (and first and last)"""
     eval_raw: bool = False
     """also score the raw (not averaged) LoRA weights at each evaluation: eval_raw_reward_mean"""
-    seed: Annotated[int, "[0, 9.2e18]"] = 0
+    seed: Annotated[int, "[0, 9223372036854775807]"] = 0
     """seed of the LoRA init, the prompts and the sampling noise (torch's 64-bit range)"""
     out: str = ""
     """run folder (default runs/<algo>-<reward>-k<K>-<time>)"""
@@ -626,6 +626,9 @@ def check_first_ratio(models: Models, policy: Policy, prompts, steps: list[int],
     worst = max(r.abs().max().item() for r in log_ratios)
     if show:
         print(f"first importance ratio: max |log rho_t| = {worst:.2e} ({len(prompts)} samples)")
+    if worst > RATIO_TOLERANCE:  # sampling and re-scoring ran different kernels
+        far = f"max |log rho_t| = {worst:.2e} > {RATIO_TOLERANCE}; so is every update's first"
+        print(f"warning: re-scoring a fresh rollout gives {far}", file=sys.stderr)
     return worst
 
 

@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import typing
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,9 @@ def config_docs(config_class) -> dict[str, str]:
     """Each Config field's doc: the string statement under the field."""
     body = ast.parse(inspect.getsource(config_class)).body[0].body
     return {
-        a.target.id: b.value.value for a, b in itertools.pairwise(body) if isinstance(a, ast.AnnAssign)
+        a.target.id: b.value.value
+        for a, b in itertools.pairwise(body)
+        if isinstance(a, ast.AnnAssign)
     }
 
 
@@ -132,10 +135,12 @@ def checked(name: str, value, hint, where: str):
     try:
         if kind is bool:
             value = {"true": True, "1": True, "false": False, "0": False}[str(value).lower()]
-        elif kind is int and (isinstance(value, bool) or float(value) != int(float(value))):
-            raise ValueError
-        elif kind in (int, float):
-            value = kind(float(value) if kind is int else value)
+        elif kind is int:  # "2", 2 or 2.0, never 2.5 or True; big ints exactly
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            value = int(value) if re.fullmatch(r"-?\d+", str(value)) else int(float(value))
+        elif kind is float:
+            value = float(value)
         elif isinstance(value, dict):  # fire hands a JSON object over parsed
             value = json.dumps(value)
         elif not isinstance(value, str | int | float):
@@ -147,11 +152,16 @@ def checked(name: str, value, hint, where: str):
         raise UsageError(f"unknown {where} {value!r}; choose one of {', '.join(meta)}")
     if isinstance(meta, str):
         left, low, high, right = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", meta).groups()
-        as_float32 = float(np.float32(value)) if kind is float else value
-        inside = (value > float(low) if left == "(" else value >= float(low)) and (
-            value < float(high) if right == ")" else value <= float(high))  # fmt: skip
-        if not inside or (kind is float and math.isinf(as_float32) and high != "inf]"):
-            raise UsageError(f"{where} {value}: must be in {meta} as a float32 ({name})")
+        low, high = (int(b) if re.fullmatch(r"-?\d+", b) else float(b) for b in (low, high))
+        with np.errstate(over="ignore"):
+            as_float32 = float(np.float32(value)) if kind is float else value
+        inside = (value > low if left == "(" else value >= low) and (
+            value < high if right == ")" else value <= high
+        )
+        overflow = kind is float and math.isinf(as_float32) and not math.isinf(value)
+        if not inside or overflow:
+            why = " (it overflows float32, the dtype it becomes)" if overflow else ""
+            raise UsageError(f"{where} {value}: must be in {meta}{why}")
     return value
 
 
@@ -186,11 +196,13 @@ def config_from_flags(flags: dict, config_class):
 def read_run_config(run: Path, config_class, hints: dict):
     """The one reader of a run folder's config.json: an object with every field of Config, each
     checked as its flag would be; a folder that is not a run (or a truncated checkpoint) says so."""
+    if (holder := lock_holder(run)) and is_writer():
+        raise UsageError(f"{run} is being trained by {holder}; wait for it to end")
     state = run / "checkpoint" / "state.pt"
     if not (run / "config.json").is_file() or not state.is_file():
         raise UsageError(f"--resume {run}: no config.json and checkpoint/ there; pass a run folder")
-    if (holder := lock_holder(run)) and is_writer():
-        raise UsageError(f"{run} is being trained by {holder}; wait for it to end")
+    if not zipfile.is_zipfile(state):  # torch.save writes a zip file; a truncated one is none
+        raise UsageError(f"--resume {run}: {state} is truncated or no checkpoint; start anew")
     try:
         values = json.loads((run / "config.json").read_text("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -275,35 +287,52 @@ def prepare(cfg, algos: tuple) -> Run:
     sizes = check_config(cfg, world)
     model = resolve_model_path(cfg.model)
     check_num_steps(cfg.num_steps, model)
-    reward = rewards.resolve_reward_name(model, cfg.reward)
-    if reward not in rewards.REWARD_NAMES:
-        raise UsageError(
-            f"unknown --reward {cfg.reward!r}; choose one of {', '.join(rewards.REWARD_NAMES)}"
-        )
-    if reward != cfg.reward and rank == 0:
-        print(f"shapes-world model: --reward {cfg.reward} resolves to {reward}")
-    train, held_out = prompt_files(cfg, model, reward)
-    eval_prompts = read_prompts(held_out, "held-out")[: cfg.num_eval_prompts]
-    prompts = {"training": read_prompts(train, "training"), "held-out": eval_prompts}
-    check_prompts(model, reward, prompts)
+    reward, train_prompts, eval_prompts = reward_and_prompts(cfg, model, show=rank == 0)
     options = reward_options(reward, cfg.reward_options) | rewards.route_lists(
         reward, cfg.prompt_dir
     )
-    folder = Path(
-        cfg.resume
-        or cfg.out
-        or f"runs/{cfg.algo}-{cfg.reward}-k{cfg.k}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    if not cfg.resume and any((folder / name).exists() for name in RUN_FILES[:-1]):
-        raise UsageError(
-            f"--out {folder} holds an earlier run's files; pass --resume {shlex.quote(str(folder))} or another --out"
-        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = Path(cfg.resume or cfg.out or f"runs/{cfg.algo}-{cfg.reward}-k{cfg.k}-{stamp}")
+    if rank == 0 and not cfg.resume and any((folder / n).exists() for n in RUN_FILES[:-1]):
+        raise UsageError(f"--out {folder} holds an earlier run's files; pass --resume "
+                         f"{shlex.quote(str(folder))} or another --out")  # fmt: skip
     if not (existing := next(f for f in (folder, *folder.parents) if f.exists())).is_dir():
         raise UsageError(f"--out {folder}: {existing} is a file; pass a folder")
     launcher = f"torchrun --nproc_per_node {world} loop.py" if world > 1 else "python loop.py"
-    eval_prompts = [p for p in eval_prompts for _ in range(cfg.eval_images_per_prompt)]
     return Run(folder, rank, world, device, weight_dtype_for(cfg.mixed_precision, device), sizes,
-               model, reward, options, prompts["training"], eval_prompts, launcher)  # fmt: skip
+               model, reward, options, train_prompts, eval_prompts, launcher)  # fmt: skip
+
+
+def reward_and_prompts(cfg, model: str, show: bool = True) -> tuple[str, list[str], list[str]]:
+    """The reward's name (shapes world: color -> shapes_color), the training prompts and the
+    held-out ones (each eval_images_per_prompt times): the flags' files, --prompt_dir's CompBench
+    files or the world's own, each checked."""
+    reward = rewards.resolve_reward_name(model, cfg.reward)
+    if reward not in rewards.REWARD_NAMES:
+        names = ", ".join(rewards.REWARD_NAMES)
+        raise UsageError(f"unknown --reward {cfg.reward!r}; choose one of {names}")
+    if reward != cfg.reward and show:
+        print(f"shapes-world model: --reward {cfg.reward} resolves to {reward}")
+    category = reward.removeprefix("shapes_")
+    if cfg.train_prompts:
+        train = Path(cfg.train_prompts)
+    elif cfg.prompt_dir:
+        train = Path(cfg.prompt_dir) / f"{category}_train.txt"
+    elif Path(model, rewards.SHAPES_MARKER).is_file() and category in rewards.COMPBENCH_CATEGORIES:
+        train = HERE / "shapes_world" / "prompts" / f"{category}_train.txt"
+    else:
+        raise UsageError(f"no prompts for --reward {reward}; pass --train_prompts or --prompt_dir")
+    held_out = Path(
+        cfg.eval_prompts or train.with_name(train.name.replace("_train.txt", "_val.txt"))
+    )
+    if not cfg.eval_prompts and (held_out == train or not held_out.is_file()):
+        held_out = train  # a plain prompt file without a *_val.txt
+        print(f"no held-out prompt file next to {train}: evaluating on its first prompts")
+    prompts = {"training": read_prompts(train, "training")}
+    prompts["held-out"] = read_prompts(held_out, "held-out")[: cfg.num_eval_prompts]
+    check_prompts(model, reward, prompts)
+    repeated = [p for p in prompts["held-out"] for _ in range(cfg.eval_images_per_prompt)]
+    return reward, prompts["training"], repeated
 
 
 def resolve_model_path(model: str) -> str:
@@ -328,28 +357,6 @@ def resolve_model_path(model: str) -> str:
             "such as stabilityai/stable-diffusion-2-base"
         )
     return model
-
-
-def prompt_files(cfg, model: str, reward: str) -> tuple[Path, Path]:
-    """Training and held-out files: the flags, --prompt_dir's CompBench files or the world's own."""
-    category = reward.removeprefix("shapes_")
-    if cfg.train_prompts:
-        train = Path(cfg.train_prompts)
-    elif cfg.prompt_dir:
-        train = Path(cfg.prompt_dir) / f"{category}_train.txt"
-    elif Path(model, rewards.SHAPES_MARKER).is_file() and category in rewards.COMPBENCH_CATEGORIES:
-        train = HERE / "shapes_world" / "prompts" / f"{category}_train.txt"
-    else:
-        raise UsageError(f"no prompts for --reward {reward}; pass --train_prompts or --prompt_dir")
-    held_out = (
-        Path(cfg.eval_prompts)
-        if cfg.eval_prompts
-        else train.with_name(train.name.replace("_train.txt", "_val.txt"))
-    )
-    if not cfg.eval_prompts and (held_out == train or not held_out.is_file()):
-        held_out = train  # a plain prompt file without a *_val.txt
-        print(f"no held-out prompt file next to {train}: evaluating on its first prompts")
-    return train, held_out
 
 
 def read_prompts(path: Path, what: str) -> list[str]:
@@ -658,11 +665,11 @@ def atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # torch.save on a full disk: RuntimeError
         full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error)
+        reason = "the disk is full" if full else one_line(error)
+        raise WriteFault(f"could not write {path} ({reason})") from None
+    finally:
         with contextlib.suppress(OSError):  # a failed cleanup must not hide the write fault
             tmp.unlink(missing_ok=True)
-        raise WriteFault(
-            f"could not write {path} ({'the disk is full' if full else one_line(error)})"
-        ) from None
 
 
 def save_grid(path: Path, images, prompts: list[str], reward) -> None:
@@ -736,11 +743,10 @@ def load_checkpoint(run: Run, unet, optimizer, ema: list, scaler) -> int:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     epoch = state["next_epoch"]
     if run.writer:
-        rows = [r for r in read_metrics(run.folder) if r["epoch"] < epoch]
-        if len(rows) != epoch + 1 - rows[0]["epoch"] if rows else epoch:
-            print(
-                f"warning: {run.folder}/metrics.jsonl lacks rows below epoch {epoch}: kept {len(rows)}"
-            )
+        rows = [r for r in read_metrics(run.folder) if r["epoch"] <= epoch]  # row N: epoch N's
+        if [r["epoch"] for r in rows] != list(range(epoch + 1)):
+            print(f"warning: {run.folder}/metrics.jsonl holds epochs {[r['epoch'] for r in rows]} of "
+                  f"0-{epoch}: rows from epoch {epoch + 1} on are appended to them")  # fmt: skip
         text = "".join(json.dumps(r) + "\n" for r in rows)
         atomic_write(run.folder / "metrics.jsonl", lambda tmp: tmp.write_text(text))
         print(f"resumed {run.folder} at epoch {epoch}")
@@ -819,7 +825,7 @@ def print_epoch(run: Run, row: dict) -> None:
     line = f"epoch {row['epoch']}: reward {row['reward_mean']:.4f} clipfrac {row['clipfrac']:.3f}"
     tqdm.write(line + (f" held-out {held_out:.4f}" if held_out is not None else ""))
     if not row["grad_norm"]:  # None: every step skipped; 0: every gradient 0
-        tqdm.write(f"warning: epoch {row['epoch']}: the LoRA gradient was zero (or non-finite) at "
+        tqdm.write(f"warning: epoch {row['epoch']}: the LoRA gradient was exactly zero (or non-finite) at "
                    "every update: nothing learned (all advantages zero? fp16 underflow?)")  # fmt: skip
 
 
@@ -849,7 +855,7 @@ def finish(run: Run, resolution: int) -> None:
         grids = [run.folder / "samples" / f"eval_epoch_{r['epoch']:04d}.png" for r in (first, last)]
         if all(grid.is_file() for grid in grids):
             print(
-                f"before/after picture: {before_after(run.folder, grids, (first, last), resolution)}"
+                f"before/after grid: {before_after(run.folder, grids, (first, last), resolution)}"
             )
         print(f"LoRA: {run.folder / 'lora' / 'pytorch_lora_weights.safetensors'}")
     if dist.is_initialized():

@@ -90,16 +90,11 @@ Known gaps with T2I-CompBench's original code, and how they are handled
 
 from __future__ import annotations
 
-import functools
 import inspect
 import io
 import itertools
-import json
-import math
 import os
 import re
-import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass

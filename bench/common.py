@@ -34,7 +34,7 @@ class BenchError(Exception):
 
 def cli_main(function: Callable, **flags) -> None:
     """Run a script's main with fire's flags; bad input ends as `error: ...` and exit code 2."""
-    import loop
+    import loop_utils
 
     if flags.pop("help", False) or flags.pop("h", False):  # fire would pass them on as flags
         print((sys.modules[function.__module__].__doc__ or "").strip())
@@ -42,7 +42,7 @@ def cli_main(function: Callable, **flags) -> None:
         return
     try:
         function(**flags)
-    except (BenchError, loop.UsageError) as error:
+    except (BenchError, loop_utils.UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

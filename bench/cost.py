@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import loop
+import loop_utils
 from bench.common import (
     BenchError,
     cli_main,
@@ -138,7 +139,7 @@ def bare_forward_backward(policy: loop.Policy, batch: loop.Rollout, cfg, sizes: 
 
 def side_by_side(models: loop.Models, cfg: loop.Config, prompts: list[str], repeats: int) -> dict:
     """Parts 1 and 2: medians of alternating timings, ratios, and the same-images check."""
-    sizes = loop.check_config(cfg, 1)
+    sizes = loop_utils.check_config(cfg, 1)
     micro, n = sizes["micro_batch"], len(prompts)
     policy = loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
     pipe = diffusers_pipeline(models)
@@ -185,10 +186,10 @@ def side_by_side(models: loop.Models, cfg: loop.Config, prompts: list[str], repe
 
 def load_only(cfg: loop.Config) -> dict:
     """The floor of part 3: load the model and build the policy, nothing else."""
-    device = loop.setup_distributed(cfg)[2]
-    dtype = loop.weight_dtype_for(cfg.mixed_precision, device)
+    device = loop_utils.setup_distributed(cfg)[2]
+    dtype = loop_utils.weight_dtype_for(cfg.mixed_precision, device)
     models = loop.load_models(
-        loop.resolve_model_path(cfg.model), device, dtype, cfg.lora_rank, cfg.seed, cfg.lora_modules
+        loop_utils.resolve_model_path(cfg.model), device, dtype, cfg.lora_rank, cfg.seed, cfg.lora_modules
     )
     loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
     return {"seconds_per_epoch": None}
@@ -198,7 +199,7 @@ def train_epochs(cfg: loop.Config) -> dict:
     """loop.main for cfg.epochs; seconds per epoch = median over the epochs without evaluation."""
     torch.set_flush_denormal(True)
     run = loop.main(cfg)
-    rows = [r for r in loop.read_metrics(run)[1:] if r["eval_reward_mean"] is None]
+    rows = [r for r in loop_utils.read_metrics(run)[1:] if r["eval_reward_mean"] is None]
     return {"seconds_per_epoch": statistics.median(r["seconds"] for r in rows) if rows else None}
 
 
@@ -208,7 +209,7 @@ def per_algorithm(cfg: loop.Config, configs, epochs: int, threads: int, work: Pa
     for algo, k in configs:
         run = loop.Config(**{**vars(cfg), "algo": algo, "k": k, "epochs": epochs,
                              "eval_every": epochs, "out": str(work / f"{algo}-k{k}")})  # fmt: skip
-        loop.check_config(run, 1)
+        loop_utils.check_config(run, 1)
         items.append((run,))
         names.append(f"{algo} K={k}")
     functions = [load_only] + [train_epochs] * (len(items) - 1)
@@ -242,7 +243,7 @@ def main(
     # part 3 times epochs, not evaluations: a few held-out prompts keep its children short
     base.setdefault("num_eval_prompts", EVAL_PROMPTS)
     cfg = loop.Config(**base)
-    loop.check_config(cfg, 1)
+    loop_utils.check_config(cfg, 1)
     threads = threads or default_threads(1)
     preload()
     report: dict = {"config": vars(cfg), "threads": threads}
@@ -251,10 +252,10 @@ def main(
         report["per_algorithm"] = per_algorithm(cfg, configs, epochs, threads, work_dir)
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
-    device = loop.setup_distributed(cfg)[2]
-    path = loop.resolve_model_path(cfg.model)
-    _, train_prompts, _ = loop.resolve_reward_and_prompts(cfg, path)
-    dtype = loop.weight_dtype_for(cfg.mixed_precision, device)
+    device = loop_utils.setup_distributed(cfg)[2]
+    path = loop_utils.resolve_model_path(cfg.model)
+    _, train_prompts, _ = loop_utils.reward_and_prompts(cfg, path)
+    dtype = loop_utils.weight_dtype_for(cfg.mixed_precision, device)
     models = loop.load_models(path, device, dtype, cfg.lora_rank, cfg.seed, cfg.lora_modules)
     chosen = random.Random(cfg.seed).choices(train_prompts, k=cfg.images_per_epoch // cfg.k)
     prompts = [p for p in chosen for _ in range(cfg.k)]

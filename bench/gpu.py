@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import loop
+import loop_utils
 from bench.common import BenchError, cli_main, markdown_table
 from bench.cost import side_by_side
 
@@ -176,7 +177,7 @@ def short_run(folder: Path, cfg: loop.Config, epochs: int, work: Path) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run = loop.main(run_cfg)
-    last = loop.read_metrics(run)[-1]
+    last = loop_utils.read_metrics(run)[-1]
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return {"seconds_per_epoch": last["seconds"], "run_peak_gpu_memory_gb": peak}
 
@@ -198,12 +199,12 @@ def main(
     flags = SD2_FLAGS | {"micro_batch": micro_batch} | (TINY_FLAGS if tiny else {})
     cfg = loop.Config(algo="loop", k=k, images_per_epoch=images, mixed_precision=precision,
                       device="cpu" if tiny else device, **flags)  # fmt: skip
-    sizes = loop.check_config(cfg, 1)
+    sizes = loop_utils.check_config(cfg, 1)
     torch.set_flush_denormal(True)
-    dev = loop.setup_distributed(cfg)[2]
+    dev = loop_utils.setup_distributed(cfg)[2]
     if not tiny and dev.type != "cuda":
         raise BenchError("no GPU here: run with --tiny on a CPU, or on a machine with CUDA")
-    dtype = loop.weight_dtype_for(precision, dev)
+    dtype = loop_utils.weight_dtype_for(precision, dev)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(images // k) for _ in range(k)]
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         folder = build_random_pipeline(Path(tmp) / "sd2-random", tiny, dev)

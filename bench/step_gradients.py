@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import loop
+import loop_utils
 import rewards
 
 
@@ -38,8 +39,8 @@ def main(
 ) -> None:
     cfg = loop.Config(model=model, k=k)
     torch.set_flush_denormal(True)
-    path = loop.resolve_model_path(cfg.model)
-    reward_name, train_prompts, _ = loop.resolve_reward_and_prompts(cfg, path)
+    path = loop_utils.resolve_model_path(cfg.model)
+    reward_name, train_prompts, _ = loop_utils.reward_and_prompts(cfg, path)
     models = loop.load_models(path, torch.device("cpu"), torch.float32, cfg.lora_rank, 0)
     policy = loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
     reward_fn, params = rewards.load_reward(reward_name), loop.lora_parameters(models.unet)

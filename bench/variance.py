@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import loop
+import loop_utils
 import rewards
 from bench.common import BenchError, cli_main, have_matplotlib, markdown_table, tiny_model
 
@@ -71,7 +72,7 @@ def first_rows(batch: loop.Rollout, n: int) -> loop.Rollout:
 
 def estimator_gradient(policy, batch, reward, cfg: loop.Config, first_update: bool) -> torch.Tensor:
     """The LoRA gradient of cfg.algo's first optimizer step on this rollout: (D,) float64."""
-    sizes = loop.check_config(cfg, 1)
+    sizes = loop_utils.check_config(cfg, 1)
     advantage = loop.compute_advantages(
         cfg.algo, reward.view(-1, cfg.k), cfg.normalize_advantage, cfg.adv_clip
     )  # over the whole rollout, as loop.main
@@ -123,8 +124,8 @@ def main(
     if bad := [k for k in k_values if cfg.images_per_epoch % k]:
         raise BenchError(f"--ks {bad}: must divide images_per_epoch {cfg.images_per_epoch}")
     torch.set_flush_denormal(True)
-    path = loop.resolve_model_path(cfg.model)
-    reward_name, train_prompts, _ = loop.resolve_reward_and_prompts(cfg, path)
+    path = loop_utils.resolve_model_path(cfg.model)
+    reward_name, train_prompts, _ = loop_utils.reward_and_prompts(cfg, path)
     models = loop.load_models(
         path, torch.device("cpu"), torch.float32, cfg.lora_rank, seed, cfg.lora_modules
     )
@@ -140,7 +141,7 @@ def main(
             f"loop K={k} (first update)": (dataclasses.replace(cfg, algo="loop", k=k), True),
         }
     grads: dict[str, list[torch.Tensor]] = {name: [] for group in plan.values() for name in group}
-    n, micro = cfg.images_per_epoch, loop.check_config(cfg, 1)["micro_batch"]
+    n, micro = cfg.images_per_epoch, loop_utils.check_config(cfg, 1)["micro_batch"]
     with tqdm(total=len(plan) * rollouts, desc="rollouts") as bar:
         for k, estimators in plan.items():
             for i in range(rollouts):

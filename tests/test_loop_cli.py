@@ -10,12 +10,14 @@ import sys
 import textwrap
 import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import PROMPTS, REPO, subprocess_env, write_prompts
 
 import loop
+import loop_utils
 import rewards
 
 LOOP = str(REPO / "loop.py")
@@ -143,9 +145,9 @@ def test_bad_input_in_process(case, tmp_path, tiny_model, prompt_file, monkeypat
 
     if case not in NEEDS_THE_MODEL:
         monkeypatch.setattr(loop, "load_models", too_far)
-    monkeypatch.setattr(loop, "load_rewards", too_far)
+    monkeypatch.setattr(loop_utils, "load_rewards", too_far)
     if case in NEEDS_THE_MODEL:  # the reward is loaded before the model: a cheap one
-        monkeypatch.setattr(loop, "load_rewards", lambda *args: (None, None))
+        monkeypatch.setattr(loop_utils, "load_rewards", lambda *args: (None, None))
     with pytest.raises(SystemExit) as exit_info:
         loop.cli(**dict(zip((a.removeprefix("--") for a in args[0::2]), args[1::2])))
     assert exit_info.value.code == 2
@@ -160,7 +162,7 @@ def test_bad_input_in_process(case, tmp_path, tiny_model, prompt_file, monkeypat
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the case is a machine without CUDA")
 def test_cuda_asked_for_where_there_is_none(monkeypatch):
     monkeypatch.setattr(loop, "load_models", lambda *args, **kwargs: pytest.fail("loaded"))
-    with pytest.raises(loop.UsageError, match="sees no CUDA device; pass --device cpu"):
+    with pytest.raises(loop_utils.UsageError, match="sees no CUDA device; pass --device cpu"):
         loop.main(loop.Config(device="cuda"))
 
 
@@ -176,38 +178,42 @@ def test_bad_input_exits_with_one_clear_line(case, tmp_path, tiny_model, prompt_
     assert not (tmp_path / "run").exists()
 
 
-NUMERIC = [n for n, kind in typing.get_type_hints(loop.Config).items() if kind in (int, float)]
+HINTS = typing.get_type_hints(loop.Config, include_extras=True)
+NUMERIC = [n for n, hint in HINTS.items() if typing.get_args(hint)[:1] in ((int,), (float,))]
 
 
 @pytest.mark.parametrize("name", NUMERIC)
-def test_every_numeric_flag_states_its_range_and_is_checked(name):
-    """Each int/float Config field's doc ends with its valid range ('in [1, inf)'), which
-    check_config enforces: a value just outside either end is one clear UsageError."""
-    doc = loop.config_docs(loop.Config)[name]
-    match = re.search(r"in ([\[(])(\S+), (\S+)([\])])$", doc)
-    assert match, f"--{name}: its doc states no range: {doc!r}"
+def test_every_numeric_flag_declares_its_range_and_is_checked(name):
+    """Each int/float Config field declares its valid range in its type (Annotated[float, "(0, 1]"]),
+    which check_config enforces: a value just outside either end is one clear UsageError."""
+    kind, interval = typing.get_args(HINTS[name])
+    match = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", interval)
+    assert match, f"--{name}: its range {interval!r} does not parse"
     left, low, high, right = match.groups()
     outside = [float(low) - (1 if left == "[" else 0)]
     if high != "inf":
         outside.append(float(high) + (1 if right == "]" else 0))
-    kind = typing.get_type_hints(loop.Config)[name]
     for value in outside:
         cfg = dataclasses.replace(loop.Config(algo="ppo", k=2), **{name: kind(value)})
-        with pytest.raises(loop.UsageError, match=f"--{name} "):
-            loop.check_config(cfg, 1)
-    loop.check_config(loop.Config(), 1)  # the defaults lie inside
+        with pytest.raises(loop_utils.UsageError, match=f"--{name} "):
+            loop_utils.check_config(cfg, 1)
+    loop_utils.check_config(loop.Config(), 1)  # the defaults lie inside
 
 
 def test_a_resume_may_change_only_what_keeps_the_experiment(tmp_path, tiny_model, prompt_file):
     setup_bad_inputs(tmp_path, tiny_model, prompt_file)
     run = str(tmp_path / "done")
     allowed = {"epochs": 9, "eval_every": 3, "eval_raw": "true", "micro_batch": 1, "device": "cpu"}
-    cfg = loop.config_from_flags({"resume": run, **allowed})
+    cfg = loop_utils.config_from_flags({"resume": run, **allowed}, loop.Config)
     assert (cfg.epochs, cfg.eval_every, cfg.eval_raw, cfg.micro_batch) == (9, 3, True, 1)
     assert cfg.k == 4 and cfg.resume == run
-    assert loop.config_from_flags({"resume": run, "k": 4}).k == 4  # the run's own value: fine
-    with pytest.raises(loop.UsageError, match="--lr, --seed would make another"):
-        loop.config_from_flags({"resume": run, "lr": 1e-3, "seed": 3, "epochs": 9})
+    assert (
+        loop_utils.config_from_flags({"resume": run, "k": 4}, loop.Config).k == 4
+    )  # the run's own value: fine
+    with pytest.raises(loop_utils.UsageError, match="--lr, --seed would make another"):
+        loop_utils.config_from_flags(
+            {"resume": run, "lr": 1e-3, "seed": 3, "epochs": 9}, loop.Config
+        )
 
 
 def test_a_checkpoint_torch_cannot_read_is_one_line(tmp_path):
@@ -218,8 +224,9 @@ def test_a_checkpoint_torch_cannot_read_is_one_line(tmp_path):
     (tmp_path / "checkpoint").mkdir()
     with zipfile.ZipFile(tmp_path / "checkpoint" / "state.pt", "w") as archive:
         archive.writestr("data.txt", "no pickle here")
-    with pytest.raises(loop.UsageError, match="state.pt is unreadable"):
-        loop.load_checkpoint(tmp_path, None, None, [])
+    with pytest.raises(loop_utils.UsageError, match="state.pt is unreadable"):
+        run = SimpleNamespace(folder=tmp_path, world=1, writer=True)
+        loop_utils.load_checkpoint(run, None, None, [], None)
 
 
 @pytest.mark.parametrize("algo", loop.ALGOS)
@@ -350,7 +357,7 @@ def test_two_ranks_under_torchrun_keep_identical_lora_weights(tmp_path, tiny_mod
     assert all(torch.equal(rank0["lora"][n], rank1["lora"][n]) for n in rank0["lora"])
     # 2 evaluations (before training, epoch 2) of 4 held-out images: each rank scored half
     assert rank0["eval_images"] == rank1["eval_images"] == 4
-    untrained = loop.read_metrics(tmp_path / "synced")[0]["eval_reward_mean"]
+    untrained = loop_utils.read_metrics(tmp_path / "synced")[0]["eval_reward_mean"]
     cfg = loop.Config(**TORCHRUN_FLAGS)
     models = loop.load_models(str(tiny_model), torch.device("cpu"), torch.float32,
                               cfg.lora_rank, cfg.seed, cfg.lora_modules)  # fmt: skip
@@ -413,12 +420,12 @@ def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, ca
     (model / "shapes_world.json").write_text("{}")
     write_prompts(tmp_path / "shapes_world" / "prompts" / "color_train.txt", ["a red cube"])
     write_prompts(tmp_path / "shapes_world" / "prompts" / "color_val.txt", ["a blue ball"])
-    monkeypatch.setattr(loop.loop_utils, "HERE", tmp_path)
+    monkeypatch.setattr(loop_utils, "HERE", tmp_path)
     monkeypatch.chdir(tmp_path.parent)  # the default --model is relative to loop.py's folder
-    path = loop.resolve_model_path("shapes_world/tiny-shapes")
+    path = loop_utils.resolve_model_path("shapes_world/tiny-shapes")
     assert Path(path) == model
     cfg = loop.Config(reward="color", eval_images_per_prompt=1)
-    reward, train, held_out = loop.resolve_reward_and_prompts(cfg, path)
+    reward, train, held_out = loop_utils.reward_and_prompts(cfg, path)
     assert (reward, train, held_out) == ("shapes_color", ["a red cube"], ["a blue ball"])
     assert "resolves to shapes_color" in capsys.readouterr().out
     # a plain model keeps T2I-CompBench's reward and reads <category>_train/_val.txt from --prompt_dir
@@ -427,24 +434,24 @@ def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, ca
     write_prompts(tmp_path / "compbench" / "color_train.txt", ["a red bench"])
     write_prompts(tmp_path / "compbench" / "color_val.txt", ["a green car"])
     cfg = loop.Config(reward="color", prompt_dir=str(tmp_path / "compbench"))
-    assert loop.resolve_reward_and_prompts(cfg, str(plain)) == (
+    assert loop_utils.reward_and_prompts(cfg, str(plain)) == (
         "color",
         ["a red bench"],
         ["a green car"] * cfg.eval_images_per_prompt,  # each held-out prompt, several noises
     )
-    with pytest.raises(loop.UsageError, match="--train_prompts"):
-        loop.resolve_reward_and_prompts(loop.Config(reward="color"), str(plain))
+    with pytest.raises(loop_utils.UsageError, match="--train_prompts"):
+        loop_utils.reward_and_prompts(loop.Config(reward="color"), str(plain))
 
 
 def test_complex_reward_reads_compbench_route_lists(tmp_path):
     """--reward complex --prompt_dir DIR routes prompts with DIR's complex_*_spatial/action lists."""
     folder = tmp_path / "compbench"
     write_prompts(folder / "complex_train.txt", ["a cat sat on a mat"])
-    assert loop.reward_options("complex", str(folder)) == {}  # no lists: relation words route
+    assert rewards.route_lists("complex", str(folder)) == {}  # no lists: relation words route
     write_prompts(folder / "complex_val_spatial.txt", ["a cat sat on a mat"])
-    assert loop.reward_options("complex", str(folder)) == {"lists": str(folder)}
-    assert loop.reward_options("color", str(folder)) == {}
-    assert loop.reward_options("complex", "") == {}
+    assert rewards.route_lists("complex", str(folder)) == {"lists": str(folder)}
+    assert rewards.route_lists("color", str(folder)) == {}
+    assert rewards.route_lists("complex", "") == {}
 
 
 def test_help_lists_every_flag():
@@ -468,23 +475,21 @@ def test_resume_names_config_fields_another_version_wrote(tmp_path):
     torch.save({}, run / "checkpoint" / "state.pt")  # (an empty file is a truncated one)
     fields = dataclasses.asdict(loop.Config()) | {"lr_half_life": 0.0}
     (run / "config.json").write_text(json.dumps(fields))
-    with pytest.raises(loop.UsageError, match="lr_half_life"):
-        loop.config_from_flags({"resume": str(run)})
+    with pytest.raises(loop_utils.UsageError, match="lr_half_life"):
+        loop_utils.config_from_flags({"resume": str(run)}, loop.Config)
     del fields["lr_half_life"]
     (run / "config.json").write_text(json.dumps(fields))
-    assert loop.config_from_flags({"resume": str(run), "epochs": 3}).epochs == 3
+    assert loop_utils.config_from_flags({"resume": str(run), "epochs": 3}, loop.Config).epochs == 3
 
 
 def test_reward_options_are_checked_against_the_reward_loaders_names(tmp_path):
     """--reward_options: a JSON object of rewards.load_reward's options for this reward."""
     given = '{"model": "/data/blip-vqa", "image_size": 480, "dtype": "float32"}'
     expected = {"model": "/data/blip-vqa", "image_size": 480, "dtype": "float32"}
-    assert loop.reward_options("color", "", given) == expected
-    with pytest.raises(loop.UsageError, match="not blip_path"):
-        loop.reward_options("color", "", '{"blip_path": "/data/blip-vqa"}')
-    write_prompts(tmp_path / "complex_val_spatial.txt", ["a cat on a mat"])
-    options = loop.reward_options("complex", str(tmp_path), '{"blip_model": "B"}')
-    assert options == {"blip_model": "B", "lists": str(tmp_path)}  # the route lists too
+    assert loop_utils.reward_options("color", given) == expected
+    with pytest.raises(loop_utils.UsageError, match="not blip_path"):
+        loop_utils.reward_options("color", '{"blip_path": "/data/blip-vqa"}')
+    assert loop_utils.reward_options("complex", '{"blip_model": "B"}') == {"blip_model": "B"}
 
 
 def test_held_out_score_uses_the_original_scorers_precision_on_a_gpu(monkeypatch):
@@ -493,13 +498,17 @@ def test_held_out_score_uses_the_original_scorers_precision_on_a_gpu(monkeypatch
     calls = []
     monkeypatch.setattr(rewards, "load_reward", lambda name, **kw: calls.append(kw) or kw)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    train, held_out = loop.load_rewards("color", {"model": "M"}, cuda)
+
+    def run(options, device):
+        return SimpleNamespace(reward="color", reward_options=options, device=device)
+
+    train, held_out = loop_utils.load_rewards(run({"model": "M"}, cuda))
     assert train == {"device": cuda, "model": "M"}
     assert held_out == {"device": cuda, "model": "M", "dtype": "original"}
     calls.clear()
-    train, held_out = loop.load_rewards("color", {"model": "M", "dtype": "float32"}, cuda)
+    train, held_out = loop_utils.load_rewards(run({"model": "M", "dtype": "float32"}, cuda))
     assert train is held_out and len(calls) == 1  # a dtype given: both scorers use it
-    train, held_out = loop.load_rewards("color", {}, cpu)
+    train, held_out = loop_utils.load_rewards(run({}, cpu))
     assert train is held_out and len(calls) == 2
 
 
@@ -511,8 +520,9 @@ def test_aesthetic_head_download_failing_offline_is_one_line(tmp_path, monkeypat
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(rewards.urllib.request, "urlopen", offline)
-    with pytest.raises(loop.UsageError) as error:
-        loop.load_rewards("aesthetic", {}, torch.device("cpu"))
+    with pytest.raises(loop_utils.UsageError) as error:
+        cpu = torch.device("cpu")
+        loop_utils.load_rewards(SimpleNamespace(reward="aesthetic", reward_options={}, device=cpu))
     message = str(error.value)
     assert "\n" not in message and "could not download the aesthetic head" in message
     assert "--reward_options" in message and "head" in message

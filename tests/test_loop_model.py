@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from conftest import PROMPTS, write_prompts
 from safetensors.torch import load_file
 
 import loop
+import loop_utils
 import rewards
 
 
@@ -119,7 +121,7 @@ def test_kl_reference_is_the_model_with_lora_switched_off(tiny_model):
     kl = loop.gaussian_kl(mean, ref_mean, policy.schedule.sigma_t[1])
     assert (kl > 0).all()
     # the penalty enters training: with kl_coef > 0 the statistics report it
-    sizes = loop.check_config(tiny_config(kl_coef=0.5), world=1)
+    sizes = loop_utils.check_config(tiny_config(kl_coef=0.5), world=1)
     advantage = loop.compute_advantages("loop", torch.zeros(2, 4), "off", 5.0)
     optimizer = torch.optim.AdamW(loop.lora_parameters(models.unet), lr=1e-3)
     stats = loop.train_on_rollout(
@@ -152,7 +154,7 @@ def test_unet_gradient_of_clipped_objective_equals_reinforce(tiny_model, pair):
 def test_lora_parameters_change_and_base_parameters_do_not(tiny_model):
     models = load(tiny_model)
     cfg = tiny_config(algo="loop", inner_epochs=2, lr=1e-2)
-    sizes = loop.check_config(cfg, world=1)
+    sizes = loop_utils.check_config(cfg, world=1)
     policy, batch, reward = fresh_rollout(models, cfg)
     advantage = loop.compute_advantages("loop", reward.view(-1, cfg.k), "off", 5.0)
     before = {
@@ -195,7 +197,7 @@ def run_main(tmp_path, tiny_model, name, monkeypatch=None, **overrides):
         "min_train_sigma": 0.0,  # the test scheduler's sigmas are not the shipped model's
         **overrides,
     }
-    return loop.main(loop.config_from_flags(flags))
+    return loop.main(loop_utils.config_from_flags(flags, loop.Config))
 
 
 def metrics(run):
@@ -233,7 +235,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_model):
     opts = {"algo": "loop", "inner_epochs": 2, "minibatch": 2, "epochs": 4, "eval_every": 2}
     full = run_main(tmp_path, tiny_model, "full", **opts)
     half = run_main(tmp_path, tiny_model, "half", **{**opts, "epochs": 2})
-    resumed = loop.main(loop.config_from_flags({"resume": str(half), "epochs": 4}))
+    resumed = loop.main(
+        loop_utils.config_from_flags({"resume": str(half), "epochs": 4}, loop.Config)
+    )
     assert resumed == half
     a = load_file(full / "lora" / "pytorch_lora_weights.safetensors")
     b = load_file(half / "lora" / "pytorch_lora_weights.safetensors")
@@ -251,10 +255,8 @@ def test_interrupted_checkpoint_write_leaves_the_old_one(tmp_path, tiny_model, m
         raise KeyboardInterrupt
 
     monkeypatch.setattr(loop.torch, "save", killed_save)
-    models = load(tiny_model)
     with pytest.raises(KeyboardInterrupt):
-        params = loop.lora_parameters(models.unet)
-        loop.save_checkpoint(run, models.unet, torch.optim.AdamW(params), params, 7)
+        loop_utils.atomic_write(run / "checkpoint" / "state.pt", lambda tmp: torch.save({}, tmp))
     assert (run / "checkpoint" / "state.pt").read_bytes() == good
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["state.pt"]
 
@@ -287,7 +289,12 @@ def test_nan_reward_stops_and_names_the_prompt(tmp_path, tiny_model, monkeypatch
     models = load(tiny_model, rank=loop.Config.lora_rank)
     params = loop.lora_parameters(models.unet)
     ema = [p.detach().clone() for p in params]
-    assert loop.load_checkpoint(run, models.unet, torch.optim.AdamW(params), ema) == 0
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    resumed = SimpleNamespace(folder=run, world=1, writer=False)
+    assert (
+        loop_utils.load_checkpoint(resumed, models.unet, torch.optim.AdamW(params), ema, scaler)
+        == 0
+    )
 
 
 @pytest.mark.parametrize("guidance_scale", [3.0, 1.0])  # 1.0: no unconditional pass, as diffusers
@@ -355,7 +362,7 @@ def test_min_train_sigma_trains_only_the_noisier_steps(tiny_model, monkeypatch):
     )
     advantage = loop.compute_advantages("loop", reward.view(-1, cfg.k), "off", 5.0)
     optimizer = torch.optim.AdamW(loop.lora_parameters(models.unet), lr=1e-3)
-    sizes = loop.check_config(cfg, world=1)
+    sizes = loop_utils.check_config(cfg, world=1)
     loop.train_on_rollout(policy, batch, advantage, cfg, optimizer, random.Random(0), sizes)
     assert set(seen) == expected
 
@@ -368,7 +375,7 @@ def test_lora_modules_selects_the_adapted_layers(tiny_model):
     assert names and all("attn2.to_k.lora" in n for n in names)
     everywhere = load(tiny_model)
     assert len(loop.lora_parameters(everywhere.unet)) > len(names)
-    with pytest.raises(loop.UsageError, match="--lora_modules"):
+    with pytest.raises(loop_utils.UsageError, match="--lora_modules"):
         loop.load_models(str(tiny_model), torch.device("cpu"), torch.float32, 4, 0, "no_such_layer")
 
 
@@ -412,7 +419,7 @@ def fp16_gradient_norm(tiny_model, scaler) -> float:
     policy, batch, _ = fresh_rollout(models, cfg)
     advantage = 1e-6 * torch.randn(8, generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.AdamW(loop.lora_parameters(models.unet), lr=1e-3)
-    sizes = loop.check_config(cfg, world=1)
+    sizes = loop_utils.check_config(cfg, world=1)
     stats = loop.train_on_rollout(
         policy, batch, advantage, cfg, optimizer, random.Random(0), sizes, scaler=scaler
     )
@@ -431,7 +438,7 @@ def test_fp16_learns_only_with_the_loss_scaler(tiny_model):
     policy, batch, _ = fresh_rollout(models, cfg)
     advantage = 1e-6 * torch.randn(8, generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.AdamW(loop.lora_parameters(models.unet), lr=1e-3)
-    sizes = loop.check_config(cfg, world=1)
+    sizes = loop_utils.check_config(cfg, world=1)
     fp32 = loop.train_on_rollout(policy, batch, advantage, cfg, optimizer, random.Random(0), sizes)
     assert scaled == pytest.approx(fp32["grad_norm"], rel=0.3)  # unscaled: the true units
     assert unscaled < 0.7 * fp32["grad_norm"]  # without the scaler, much of the gradient is lost
@@ -488,9 +495,9 @@ def test_auto_precision_picks_bf16_only_where_the_gpu_computes_in_it(
     """V100 (7.0) and T4 (7.5) report bf16 as supported but emulate it: auto picks fp32 there."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert loop.weight_dtype_for("auto", torch.device("cuda:0")) == expected
-    assert loop.weight_dtype_for("auto", torch.device("cpu")) == torch.float32
-    assert loop.weight_dtype_for("fp16", torch.device("cuda:0")) == torch.float16
+    assert loop_utils.weight_dtype_for("auto", torch.device("cuda:0")) == expected
+    assert loop_utils.weight_dtype_for("auto", torch.device("cpu")) == torch.float32
+    assert loop_utils.weight_dtype_for("fp16", torch.device("cuda:0")) == torch.float16
 
 
 def test_each_rank_sets_its_cuda_device(monkeypatch):
@@ -501,5 +508,5 @@ def test_each_rank_sets_its_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert loop.setup_distributed(loop.Config(device="cuda"))[2] == torch.device("cuda:1")
+    assert loop_utils.setup_distributed(loop.Config(device="cuda"))[2] == torch.device("cuda:1")
     assert chosen == [torch.device("cuda:1")]

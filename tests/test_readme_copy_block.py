@@ -13,6 +13,7 @@ from conftest import REPO, SD2_SCHEDULER
 from diffusers import DDIMScheduler
 
 import loop
+import loop_utils
 
 README = REPO / "README.md"
 BLOCK = re.compile(r"<!-- copy-loop -->\s*```python\n(.*?)```\s*<!-- /copy-loop -->", re.DOTALL)
@@ -57,7 +58,7 @@ def setup(clip_range=1e-4):
         k=4, images_per_epoch=8, minibatch=8, micro_batch=2, num_steps=4, guidance_scale=3.0,
         clip_range=clip_range, max_grad_norm=1e9, min_train_sigma=0.5, adv_clip=1.5,
     )  # fmt: skip
-    sizes = loop.check_config(cfg, 1)
+    sizes = loop_utils.check_config(cfg, 1)
     latent_shape = (4, 8, 8)
     unet = ToyUNet(latent_shape)
     schedule = loop.ddim_schedule(DDIMScheduler(**SD2_SCHEDULER), cfg.num_steps, cfg.eta)

@@ -50,8 +50,9 @@ def test_loads_offline_and_generates_64x64(monkeypatch):
 
 
 def test_every_world_word_is_one_token():
-    from shapes_world import train as T
     from transformers import CLIPTokenizer
+
+    from shapes_world import train as T
 
     tokenizer = CLIPTokenizer.from_pretrained(str(ASSET / "tokenizer"))
     for word in T.world_words():
@@ -99,9 +100,8 @@ def test_default_policy_is_calibrated():
 def test_latent_factor_sets_the_vae_and_unet_sizes(tmp_path, factor, latent):
     """--latent_factor 8 (Stable Diffusion's VAE factor) gives 8x8x4 latents for 64 px images and a
     UNet of that sample size; loop.py loads the pipeline it saves with that latent shape."""
-    from shapes_world import train as T
-
     import loop
+    from shapes_world import train as T
 
     tokenizer = T.build_tokenizer(os.fspath(tmp_path / "tok"))
     vae, unet, text_encoder = T.build_models(len(tokenizer), factor)
