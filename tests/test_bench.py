@@ -322,3 +322,129 @@ def test_scripts_reject_bad_input_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in result.stderr
+
+
+def test_prompts_tiny_runs_tuning_then_seeds_and_resumes(tmp_path):
+    """bench/prompts.py at tiny size: PPO K=1's tuning (one seed, the edge rule if its pick is at an
+    edge), then seed 0 of the three new cells at 1/8 of their images; every row names its flags and
+    sizes, the curves count prompts as images / K, and a second `run` finds nothing left to do."""
+    from bench import prompts
+
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    prompts.run(jobs=2, threads=1, results=str(results), runs=str(runs), tiny=True)
+    rows = compare.read_csv(results / "prompts_runs.csv")
+    tune = [r for r in rows if r["stage"] == "tune"]
+    assert {r["config"] for r in tune} == {"ppo-k1-i16"} and {r["seed"] for r in tune} == {"100"}
+    lrs = {float(r["lr"]) for r in tune}
+    pick, edge = prompts.pick_lr(rows, seeds=1)
+    assert set(prompts.TUNE_LRS) <= lrs and len(lrs) in (3, 4) and edge is None and pick in lrs
+    seeds = {r["config"]: r for r in rows if r["stage"] == "evaluate"}
+    assert sorted(seeds) == sorted(prompts.NEW)
+    for config, r in seeds.items():
+        algo, k = prompts.NEW[config]
+        assert (r["algo"], int(r["k"]), r["seed"], r["threads"]) == (algo, k, "0", "1")
+        assert int(r["images_per_epoch"]) == 16 * k // prompts.TINY_SCALE
+        assert int(r["prompts_per_epoch"]) == 16 // prompts.TINY_SCALE
+        assert float(r["lr"]) == (pick if algo == "ppo" else 4e-3)
+        flags = r["command"].split()
+        assert flags[:3] == ["OMP_NUM_THREADS=1", "python", "loop.py"]
+        assert flags.count("--images_per_epoch") == 1  # the tiny flags' own 8 is dropped
+        assert flags[flags.index("--images_per_epoch") + 1] == r["images_per_epoch"]
+        assert "--eval_every 4 --eval_raw true" in r["command"]
+        assert float(r["train_seconds"]) > 0 and float(r["eval_seconds"]) > 0 and r["cpu"]
+    curves = compare.read_csv(results / "prompts_curves.csv")
+    for c in curves:
+        k = prompts.NEW[c["config"]][1]
+        assert int(c["prompts_seen"]) * k == int(c["images_seen"])
+    assert [int(c["epoch"]) for c in curves if c["config"] == "loop-k8-i128"] == [0, 1, 2]
+    prompts.run(jobs=2, threads=1, results=str(results), runs=str(runs), tiny=True)
+    assert len(compare.read_csv(results / "prompts_runs.csv")) == len(rows)
+
+
+def test_prompts_pick_lr_ties_to_the_smaller_and_extends_an_edge_once():
+    from bench import prompts
+
+    def rows(means: dict) -> list[dict]:
+        return [{"stage": "tune", "config": "ppo-k1-i16", "lr": lr, "final_heldout": m}
+                for lr, m in means.items() for _ in prompts.TUNE_SEEDS]  # fmt: skip
+
+    assert prompts.pick_lr(rows({2e-3: 0.5, 4e-3: 0.6})) == (None, None)  # 8e-3 missing
+    assert prompts.pick_lr(rows({2e-3: 0.5, 4e-3: 0.6, 8e-3: 0.60005})) == (4e-3, None)  # tie
+    assert prompts.pick_lr(rows({2e-3: 0.5, 4e-3: 0.6, 8e-3: 0.7})) == (8e-3, 1.6e-2)
+    assert prompts.pick_lr(rows({2e-3: 0.7, 4e-3: 0.6, 8e-3: 0.5})) == (2e-3, 1e-3)
+    extended = rows({2e-3: 0.5, 4e-3: 0.6, 8e-3: 0.7, 1.6e-2: 0.8})
+    assert prompts.pick_lr(extended) == (1.6e-2, None)  # still at the edge: used, not extended
+
+
+def test_prompts_report_from_synthetic_csvs(tmp_path):
+    """LOOP K=4 well above PPO K=1 at 16 prompts an epoch is found (supported) beside the
+    equal-image cells where they are equal (not resolved); LOOP K=8 at 128 images with 9 seeds is
+    incomplete and left out, its claim at equal prompts too; curves give the area and the figure."""
+    pytest.importorskip("rliable")
+    from bench import prompts
+
+    rng = np.random.default_rng(0)
+    levels = {"ppo-k1": 0.53, "loop-k2": 0.48, "loop-k4": 0.53, "loop-k8": 0.50,  # 64 images
+              "ppo-k1-i16": 0.40, "loop-k2-i32": 0.45, "loop-k8-i128": 0.55}  # fmt: skip
+    seeds = {"loop-k2": 10, "loop-k8": 10, "loop-k8-i128": 9}
+    noise = rng.normal(0, 0.02, 20)  # per seed, the same in every cell: equal levels tie
+    runs, curves = {"old": [], "new": []}, {"old": [], "new": []}
+    for config, level in levels.items():
+        k = int(config.split("-k")[1].split("-")[0])
+        images = 16 * k if config in prompts.NEW else 64
+        side = "new" if config in prompts.NEW else "old"
+        for seed in range(seeds.get(config, 20)):
+            final = level + noise[seed] - (0.5 if (config, seed) == ("ppo-k1", 3) else 0)
+            runs[side].append({"stage": "evaluate", "config": config, "algo": "x", "k": k,
+                               "lr": 0.004, "images_per_epoch": images, "seed": seed,
+                               "reward": "color", "untrained_heldout": 0.37, "final_heldout": final,
+                               "images_to_threshold": 20 * images if final > 0.47 else "",
+                               "commit": "abc", "cpu": "x", "threads": 1})  # fmt: skip
+            curves[side] += [{"stage": "evaluate", "config": config, "lr": 0.004, "seed": seed,
+                              "reward": "color", "epoch": e, "images_seen": e * images,
+                              "prompts_seen": e * images // k,
+                              "heldout": 0.37 + (final - 0.37) * e / 48}
+                             for e in range(0, 49, 4)]  # fmt: skip
+    runs["new"] += [{"stage": "tune", "config": "ppo-k1-i16", "lr": lr, "seed": s,
+                     "reward": "color", "final_heldout": 0.5 + lr, "commit": "abc", "cpu": "x",
+                     "threads": 1}
+                    for lr in prompts.TUNE_LRS for s in prompts.TUNE_SEEDS]  # fmt: skip
+    old = lambda rows, fields: [{f: r.get(f, "") for f in fields} for r in rows]
+    compare.append_csv(tmp_path / "compare_runs.csv", compare.RUN_FIELDS,
+                       old(runs["old"], compare.RUN_FIELDS))  # fmt: skip
+    compare.append_csv(tmp_path / "compare_curves.csv", compare.CURVE_FIELDS,
+                       old(curves["old"], compare.CURVE_FIELDS))  # fmt: skip
+    compare.append_csv(tmp_path / "prompts_runs.csv", prompts.RUN_FIELDS, runs["new"])
+    compare.append_csv(tmp_path / "prompts_curves.csv", prompts.CURVE_FIELDS, curves["new"])
+    text = prompts.report(str(tmp_path)).read_text()
+    claim = next(line for line in text.splitlines() if line.startswith("| LOOP K=4 > PPO K=1 |"))
+    prompts_side, images_side = claim.split(" | ")[2], claim.split(" | ")[6]
+    assert prompts_side.startswith("1.00 [1.00, 1.00] supported")
+    assert "not resolved" in images_side
+    assert claim.split(" | ")[1] == "20 / 20" and claim.split(" | ")[5] == "20 / 20"
+    k8 = next(line for line in text.splitlines() if line.startswith("| LOOP K=8 > LOOP K=2 |"))
+    assert "left out (incomplete cell)" in k8.split(" | ")[2] and "10 / 10" in k8
+    assert "loop-k8-i128 (9 seeds)" in text and "| equal prompts | LOOP K=8 |" not in text
+    assert "| equal prompts | PPO K=1 | ppo-k1-i16 | 16 | 16 | 0.004 | 20 | 0.370 |" in text
+    assert "| equal images | LOOP K=4 | loop-k4 | 64 | 16 | 0.004 | 20 |" in text
+    assert "| equal images | PPO K=1 | ppo-k1 | 64 | 64 |" in text
+    assert "| 1/20 |" in text  # ppo-k1 seed 3 ends below its untrained score: a collapse
+    assert "Pick so far: 0.008, at the grid's edge; the edge rule adds 0.016." in text
+    # the area of a straight line from 0.37 to the final score is their mean
+    area = prompts.area([(e, 0, 0, 0.37 + 0.1 * e / 48) for e in range(0, 49, 4)])
+    assert area == pytest.approx(0.42)
+    if common.have_matplotlib():
+        assert (tmp_path / "prompts.png").stat().st_size > 1000
+
+
+def test_prompts_help_and_a_bad_commit_write_nothing(tmp_path):
+    script = str(REPO / "bench" / "prompts.py")
+    done = subprocess.run([sys.executable, script, "run", "--help"], check=False,
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0 and "Equal prompts" in done.stdout and "--tiny" in done.stdout
+    bad = subprocess.run([sys.executable, script, "run", "--commit", "no-such-commit"], check=False,
+                         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --commit")
+    assert "Traceback" not in bad.stderr and not any(tmp_path.iterdir())
