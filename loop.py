@@ -440,8 +440,8 @@ def load_models(
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from peft import LoraConfig
 
-    # fp32 is from_pretrained's default; passing it anyway only triggers a deprecation warning
-    options = {"torch_dtype": weight_dtype} if weight_dtype != torch.float32 else {}
+    # fp32 is from_pretrained's default; its keyword is `dtype` from diffusers 0.40 on
+    options = loop_utils.dtype_option(weight_dtype) if weight_dtype != torch.float32 else {}
     options["local_files_only"] = Path(model).is_dir()  # a folder never touches the network
     try:  # the same loader for a folder and a hub id
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -717,7 +717,8 @@ def train(cfg: Config, run: loop_utils.Run) -> None:
     if start == 0:  # row 0: the untrained model's held-out score (the EMA = the raw weights)
         held_out, eval_reward, images = held_out_row(*evaluating, micro, False, run.writer)
         row = {"epoch": 0, "images_seen": 0, "reward_mean": None, "reward_std": None, **held_out}
-        row |= dict.fromkeys(STAT_KEYS) | {"eval_raw_reward_mean": held_out["eval_reward_mean"]}
+        row |= dict.fromkeys(("adv_clipfrac", *STAT_KEYS, *UPDATE_KEYS))  # no update yet
+        row["eval_raw_reward_mean"] = held_out["eval_reward_mean"]
         row["seconds"] = 0.0
         loop_utils.save_epoch(run, row, {"eval": (images, run.eval_prompts, eval_reward)}, *state)
 

@@ -1,6 +1,6 @@
 """loop.py's plumbing, which a reader of the method never needs: flags and their checks, the run
-folder (one process at a time, atomic writes, resume), ranks under torchrun, start-up and summary
-lines. Every bad input or fault ends in one line: `error: ...` and exit 2, or exit 130 when stopped."""
+folder (one process at a time, atomic writes, exact resume), ranks under torchrun, the printed lines.
+Every bad input or fault ends in one line: `error: ...` and exit 2, or exit 130 when stopped."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import shlex
 import shutil
 import signal
 import sys
+import textwrap
 import time
 import typing
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +35,20 @@ import rewards
 
 HERE = Path(__file__).resolve().parent
 EMBEDDED_MODEL = HERE / "shapes_world" / "tiny-shapes"
-RESUMABLE = ("resume", "epochs", "eval_every", "eval_raw", "micro_batch", "device")  # the rest is
-# the experiment: a resume may change how long it goes, how often it is scored and where it runs
+# a resume may change how long the run goes, how often it is scored and where it runs: no more
+RESUMABLE = ("resume", "epochs", "eval_every", "eval_raw", "micro_batch", "device")
 LOCK = "run.lock"  # held (flock) by the one process that trains the folder; says who it is
 RUN_FILES = ("config.json", "metrics.jsonl", "samples", "lora", "checkpoint", LOCK)
+RNGS = {"torch": (torch.get_rng_state, torch.set_rng_state), "numpy": (np.random.get_state,
+        np.random.set_state), "python": (random.getstate, random.setstate)}  # fmt: skip
 
 
 class UsageError(Exception):
-    """Bad input: printed as one line naming the problem and the fix; exit code 2."""
+    """Bad input: one line naming the problem and the fix; exit code 2."""
 
 
 class WriteFault(UsageError):
-    """A file of the run folder could not be written (full disk, read-only, quota)."""
+    """A run-folder file could not be written (full disk, read-only, quota)."""
 
 
 class Interrupted(UsageError):
@@ -76,25 +78,19 @@ def one_line_errors():
         )
 
 
-# === Flags: the command line as typed, each value as its Config type, range and dtype
+# === Flags: the command line as typed; every value as its Config type, range and dtype
 def config_docs(config_class) -> dict[str, str]:
     """Each Config field's doc: the string statement under the field."""
-    body = ast.parse(inspect.getsource(config_class)).body[0].body
-    return {
-        a.target.id: b.value.value
-        for a, b in itertools.pairwise(body)
-        if isinstance(a, ast.AnnAssign)
-    }
+    pairs = itertools.pairwise(ast.parse(inspect.getsource(config_class)).body[0].body)
+    return {a.target.id: b.value.value for a, b in pairs if isinstance(a, ast.AnnAssign)}
 
 
 def help_text(config_class) -> str:
     hints, lines = typing.get_type_hints(config_class, include_extras=True), []
     for name, doc in config_docs(config_class).items():
         kind, meta = typing.get_args(hints[name]) or (hints[name], None)
-        values = (
-            " | ".join(meta) if isinstance(meta, tuple) else f"{kind.__name__} in {meta or 'any'}"
-        )
-        lines.append(f"  --{name} ({values}; default {getattr(config_class, name)!r}): {doc}")
+        kind = " | ".join(meta) if isinstance(meta, tuple) else f"{kind.__name__} {meta or ''}"
+        lines.append(f"  --{name} ({kind.strip()}; default {getattr(config_class, name)!r}): {doc}")
     return "python loop.py [--flag value ...]\n" + "\n".join(lines)
 
 
@@ -102,35 +98,30 @@ def check_argv(argv: list[str], names, positional: int = 0) -> list[str] | None:
     """The command line as typed, before fire reads it (fire would take `--lr` alone as True, keep
     the last of two `--epochs` and reject a stray word only after the run): every flag a known
     name with one value, given once; at most `positional` bare words, returned (None: --help)."""
-    seen, words, i = {}, [], 0
-    while i < len(argv):
-        token = argv[i]
+    seen, words, tokens = {}, [], iter(argv)
+    for token in tokens:
         if token in ("--help", "-h"):
             return None
         if not token.startswith("--") or token == "--":
             words.append(token)
-            i += 1
             continue
         name, has_value, value = token[2:].partition("=")
         name = name.replace("-", "_")
         if name not in names:
             raise UsageError(f"unknown flag --{name}; see --help for the flags")
-        if not has_value:
-            if i + 1 == len(argv) or re.match("--[a-z]", argv[i + 1]):
-                raise UsageError(f"--{name} needs a value (--{name} VALUE); see --help")
-            value, i = argv[i + 1], i + 1
+        if not has_value and re.match("--[a-z]", value := next(tokens, "--")):
+            raise UsageError(f"--{name} needs a value (--{name} VALUE); see --help")
         if name in seen:
             raise UsageError(f"--{name} given twice ({seen[name]!r}, {value!r}); give it once")
-        seen[name], i = value, i + 1
-    if len(words) > positional:
-        extra = " ".join(words[positional:])
+        seen[name] = value
+    if extra := " ".join(words[positional:]):
         raise UsageError(f"unexpected argument(s) {extra!r}; flags are --name value (see --help)")
     return words
 
 
-def checked(name: str, value, hint, where: str):
-    """One value as its field's type, inside its declared range (as the float32 or int64 it becomes
-    in a tensor or optimizer) or among its choices; `where` names it: '--lr' or "config.json's lr"."""
+def checked(value, hint, where: str):
+    """A value as its field's type (Annotated[type, range or choices]), inside its range as the
+    float32 it becomes in a tensor or optimizer; `where` names it ("--lr", "config.json's lr")."""
     kind, meta = typing.get_args(hint) or (hint, None)
     try:
         if kind is bool:
@@ -143,60 +134,62 @@ def checked(name: str, value, hint, where: str):
             value = float(value)
         elif isinstance(value, dict):  # fire hands a JSON object over parsed
             value = json.dumps(value)
-        elif not isinstance(value, str | int | float):
+        elif isinstance(value, str | int | float):
+            value = str(value)
+        else:
             raise ValueError
-        value = str(value) if kind is str else value
     except (KeyError, TypeError, ValueError, OverflowError):
         raise UsageError(f"{where} {value!r}: expected {kind.__name__}") from None
     if isinstance(meta, tuple) and value not in meta:
         raise UsageError(f"unknown {where} {value!r}; choose one of {', '.join(meta)}")
     if isinstance(meta, str):
         left, low, high, right = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", meta).groups()
-        low, high = (int(b) if re.fullmatch(r"-?\d+", b) else float(b) for b in (low, high))
+        low, high = (int(b) if b.isdigit() else float(b) for b in (low, high))
         with np.errstate(over="ignore"):
-            as_float32 = float(np.float32(value)) if kind is float else value
-        inside = (value > low if left == "(" else value >= low) and (
-            value < high if right == ")" else value <= high
-        )
-        overflow = kind is float and math.isinf(as_float32) and not math.isinf(value)
-        if not inside or overflow:
+            overflow = kind is float and np.isinf(np.float32(value)) and not math.isinf(value)
+        above = value > low if left == "(" else value >= low
+        if overflow or not (above and (value < high if right == ")" else value <= high)):
             why = " (it overflows float32, the dtype it becomes)" if overflow else ""
             raise UsageError(f"{where} {value}: must be in {meta}{why}")
     return value
 
 
 def config_from_flags(flags: dict, config_class):
-    """A Config from --flags; with --resume, the run's config.json (read whole: read_run_config),
-    of which the flags may change only RESUMABLE ones."""
+    """A Config from --flags; with --resume, the run's config.json (read whole and checked as
+    flags are), of which the flags may change only RESUMABLE ones."""
     hints = typing.get_type_hints(config_class, include_extras=True)
     if unknown := sorted(set(flags) - set(hints)):
         raise UsageError(f"unknown flag(s) {', '.join('--' + n for n in unknown)}; see --help")
-    given = {name: checked(name, value, hints[name], f"--{name}") for name, value in flags.items()}
+    given = {name: checked(value, hints[name], f"--{name}") for name, value in flags.items()}
     if "resume" in flags and not given["resume"]:
         raise UsageError("--resume '': an empty path (an unset variable?); pass the run folder")
     if not given.get("resume"):
         return config_class(**given)
-    run = Path(given["resume"])
-    saved = read_run_config(run, config_class, hints)
-    changed = [f"--{n}" for n, v in given.items() if n not in RESUMABLE and v != getattr(saved, n)]
-    if changed:
+    run, values = Path(given["resume"]), read_run_config(Path(given["resume"]))
+    if stale := sorted(set(values) - set(hints)):  # written by another version of loop.py
+        raise UsageError(f"--resume {run}: config.json has {stale}, unknown here; delete them")
+    if missing := sorted(set(hints) - set(values)):
+        raise UsageError(f"--resume {run}: config.json lacks {missing}; restore them")
+    saved = config_class(
+        **{n: checked(v, hints[n], f"config.json's {n}") for n, v in values.items()}
+    )
+    if changed := [
+        f"--{n}" for n, v in given.items() if n not in RESUMABLE and v != getattr(saved, n)
+    ]:
         raise UsageError(
             f"--resume {run}: {', '.join(changed)} would make another experiment than its config."
             f"json says; a resume may change only {', '.join('--' + n for n in RESUMABLE[1:])}"
         )
     resumed = dataclasses.replace(saved, **given)
     if (done := checkpoint_epoch(run)) is not None and done >= resumed.epochs:
-        raise UsageError(
-            f"--resume {run}: the run has trained {done} epochs, --epochs is {resumed.epochs}: "
-            f"nothing to train; pass --epochs above {done} to go on"
-        )
+        raise UsageError(f"--resume {run}: the run has trained {done} epochs, --epochs is "
+                         f"{resumed.epochs}: nothing to train; pass --epochs above {done} to go on")  # fmt: skip
     return resumed
 
 
-def read_run_config(run: Path, config_class, hints: dict):
-    """The one reader of a run folder's config.json: an object with every field of Config, each
-    checked as its flag would be; a folder that is not a run (or a truncated checkpoint) says so."""
-    if (holder := lock_holder(run)) and is_writer():
+def read_run_config(run: Path) -> dict:
+    """A run folder's config.json as an object (its fields are checked by config_from_flags)."""
+    if int(os.environ.get("RANK", "0")) == 0 and (holder := lock_holder(run)):
         raise UsageError(f"{run} is being trained by {holder}; wait for it to end")
     state = run / "checkpoint" / "state.pt"
     if not (run / "config.json").is_file() or not state.is_file():
@@ -209,57 +202,41 @@ def read_run_config(run: Path, config_class, hints: dict):
         raise UsageError(f"--resume {run}: config.json is not JSON ({error})") from None
     if not isinstance(values, dict):
         raise UsageError(f"--resume {run}: config.json holds no object of fields; restore it")
-    if stale := sorted(set(values) - set(hints)):  # written by another version of loop.py
-        raise UsageError(f"--resume {run}: config.json has {stale}, unknown here; delete them")
-    if missing := sorted(set(hints) - set(values)):
-        raise UsageError(f"--resume {run}: config.json lacks {missing}; restore them")
-    fields = {
-        n: checked(n, v, hints[n], f"{run}/config.json's {n} (fix it there)")
-        for n, v in values.items()
-    }
-    return config_class(**fields)
+    return values
 
 
 def check_config(cfg, world: int) -> dict:
-    """Rules between fields; return the derived sizes printed at start-up."""
+    """Every field as checked(), the rules between fields; returns the derived sizes."""
     hints = typing.get_type_hints(type(cfg), include_extras=True)
-    for f in dataclasses.fields(cfg):  # a Config made in Python, not from flags
-        checked(f.name, getattr(cfg, f.name), hints[f.name], f"--{f.name}")
+    for f in dataclasses.fields(cfg):  # (a Config made in Python, not from flags)
+        checked(getattr(cfg, f.name), hints[f.name], f"--{f.name}")
     if cfg.algo in ("rloo", "loop") and cfg.k < 2:
         raise UsageError(f"--algo {cfg.algo}: the leave-one-out baseline needs K >= 2; pass --k 2")
     if cfg.normalize_advantage == "group-std" and cfg.k < 2:
         raise UsageError("--normalize_advantage group-std needs --k >= 2; use batch")
-    if cfg.images_per_epoch % (world * cfg.k):
+    n = cfg.images_per_epoch
+    if n % (world * cfg.k):
         raise UsageError(f"--images_per_epoch: need a multiple of K x ranks = {cfg.k * world}")
-    on_policy = cfg.algo in ("reinforce", "rloo")
-    minibatch = cfg.minibatch or (
-        cfg.images_per_epoch if on_policy else max(world, cfg.images_per_epoch // 2)
-    )
-    per_rank = minibatch // world
-    micro = min(cfg.micro_batch, per_rank)
-    if minibatch % world or cfg.images_per_epoch % minibatch:
-        fits = [
-            m for m in range(world, cfg.images_per_epoch + 1, world) if not cfg.images_per_epoch % m
-        ]
-        raise UsageError(
-            f"--minibatch {minibatch} must divide --images_per_epoch {cfg.images_per_epoch} and "
-            f"split evenly over {world} rank(s): pass one of {', '.join(map(str, fits))}"
-        )
+    on_policy = cfg.algo in ("reinforce", "rloo")  # one update; ppo and loop: two by default
+    minibatch = cfg.minibatch or (n if on_policy else max(world, n // 2))
+    per_rank, micro = minibatch // world, min(cfg.micro_batch, minibatch // world)
+    if minibatch % world or n % minibatch:
+        fits = ", ".join(str(m) for m in range(world, n + 1, world) if not n % m)
+        raise UsageError(f"--minibatch {minibatch} must divide --images_per_epoch {n} and split "
+                         f"evenly over {world} rank(s): pass one of {fits}")  # fmt: skip
     if per_rank % micro:
-        raise UsageError(
-            f"--micro_batch {cfg.micro_batch} must divide the minibatch per rank, {per_rank} "
-            f"(--minibatch {minibatch} over {world} rank(s)): pass a divisor of {per_rank}"
-        )
-    return {"world_size": world, "prompts_per_epoch": cfg.images_per_epoch // cfg.k,
-            "images_per_epoch": cfg.images_per_epoch, "images_per_rank": cfg.images_per_epoch // world,
-            "minibatch": minibatch, "minibatch_per_rank": per_rank, "micro_batch": micro,
-            "grad_accumulation": per_rank // micro,
-            "updates_per_epoch": cfg.inner_epochs * cfg.images_per_epoch // minibatch,
-            "off_policy_without_ratio": on_policy and cfg.inner_epochs * cfg.images_per_epoch > minibatch}  # fmt: skip
+        raise UsageError(f"--micro_batch {cfg.micro_batch} must divide the minibatch per rank, "
+                         f"{per_rank} (--minibatch {minibatch} over {world} rank(s)): pass a "
+                         f"divisor of {per_rank}")  # fmt: skip
+    updates = cfg.inner_epochs * n // minibatch
+    return {"world_size": world, "prompts_per_epoch": n // cfg.k, "images_per_epoch": n,
+            "images_per_rank": n // world, "minibatch": minibatch, "minibatch_per_rank": per_rank,
+            "micro_batch": micro, "grad_accumulation": per_rank // micro, "updates_per_epoch": updates,
+            "off_policy_without_ratio": on_policy and updates > 1}  # fmt: skip
 
 
 # === Inputs: model, prompts and reward resolved and checked before anything is written
-@dataclass
+@dataclasses.dataclass
 class Run:
     """What main needs besides Config, resolved once: where, on which rank, with what."""
 
@@ -274,8 +251,7 @@ class Run:
     reward_options: dict
     train_prompts: list[str]
     eval_prompts: list[str]  # each held-out prompt eval_images_per_prompt times
-    launcher: str  # how to continue it: python loop.py, or torchrun with its rank count
-
+    launcher: str  # the command that continues it: python loop.py, or torchrun with its ranks
     writer = property(lambda self: self.rank == 0)  # rank 0 prints and writes
     micro = property(lambda self: self.sizes["micro_batch"])
     images_per_rank = property(lambda self: self.sizes["images_per_rank"])
@@ -301,6 +277,27 @@ def prepare(cfg, algos: tuple) -> Run:
     launcher = f"torchrun --nproc_per_node {world} loop.py" if world > 1 else "python loop.py"
     return Run(folder, rank, world, device, weight_dtype_for(cfg.mixed_precision, device), sizes,
                model, reward, options, train_prompts, eval_prompts, launcher)  # fmt: skip
+
+
+def resolve_model_path(model: str) -> str:
+    """A local diffusers folder (as given, or next to loop.py) with every part model_index.json
+    names, or a hub id 'org/name'."""
+    if folder := next((f for f in (Path(model).expanduser(), HERE / model) if f.is_dir()), None):
+        try:
+            index = json.loads((folder / "model_index.json").read_text())
+        except (OSError, ValueError):
+            raise UsageError(
+                f"--model {folder}: no readable model_index.json; pass a diffusers folder"
+            ) from None
+        parts = [k for k, v in index.items() if isinstance(v, list) and v[0] is not None]
+        if missing := [part for part in parts if not (folder / part).is_dir()]:
+            raise UsageError(f"--model {folder}: model_index.json names {missing}, not there")
+        return str(folder)
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) and ".." not in model
+    if not hub_id or Path(model).parent.is_dir() or (HERE / model).parent.is_dir():
+        raise UsageError(f"--model {model}: model folder not found; pass an existing diffusers "
+                         "folder or a hub id such as stabilityai/stable-diffusion-2-base")  # fmt: skip
+    return model
 
 
 def reward_and_prompts(cfg, model: str, show: bool = True) -> tuple[str, list[str], list[str]]:
@@ -335,30 +332,6 @@ def reward_and_prompts(cfg, model: str, show: bool = True) -> tuple[str, list[st
     return reward, prompts["training"], repeated
 
 
-def resolve_model_path(model: str) -> str:
-    """A local diffusers folder (as given, or next to loop.py) or a hub id 'org/name'."""
-    folder = next((f for f in (Path(model).expanduser(), HERE / model) if f.is_dir()), None)
-    if folder and not (folder / "model_index.json").is_file():
-        raise UsageError(f"--model: {folder} has no model_index.json; pass a diffusers folder")
-    if folder:
-        index = json.loads((folder / "model_index.json").read_text() or "{}")
-        needed = [k for k, v in index.items() if isinstance(v, list) and v[0] is not None]
-        missing = [part for part in needed if not (folder / part).is_dir()]
-        if missing:
-            raise UsageError(f"--model {folder}: model_index.json names {missing}, not there")
-        return str(folder)
-    first, hub_id = (
-        model.split("/")[0],
-        re.fullmatch(r"[\w.-]+/[\w.-]+", model) and ".." not in model,
-    )
-    if not hub_id or Path(first).is_dir() or (HERE / first).is_dir():
-        raise UsageError(
-            f"--model {model}: model folder not found; pass an existing diffusers folder or a hub id "
-            "such as stabilityai/stable-diffusion-2-base"
-        )
-    return model
-
-
 def read_prompts(path: Path, what: str) -> list[str]:
     try:
         return rewards.read_prompt_file(path)
@@ -367,50 +340,44 @@ def read_prompts(path: Path, what: str) -> list[str]:
 
 
 def check_prompts(model: str, reward: str, prompts: dict[str, list[str]]) -> None:
-    """Every prompt fits the text encoder (the model would see only its start while the reward scores
-    all of it) and, for the shapes world's judges, names only things of that world."""
+    """Every prompt fits the text encoder (else the model sees only its start while the reward
+    scores all of it) and is one the reward can score (rewards.check_prompts)."""
     from transformers import AutoTokenizer
 
     try:
+        local = Path(model).is_dir()
         tokenizer = AutoTokenizer.from_pretrained(
-            model, subfolder="tokenizer", local_files_only=Path(model).is_dir()
+            model, subfolder="tokenizer", local_files_only=local
         )
     except (OSError, ValueError):
         return  # load_models says what is wrong with the model
     for what, texts in prompts.items():
-        for n, text in enumerate(dict.fromkeys(texts), 1):
+        for text in dict.fromkeys(texts):
             if (
                 count := len(tokenizer(text, verbose=False).input_ids)
             ) > tokenizer.model_max_length:
-                raise UsageError(f"{what} prompt {text[:40]!r}... has {count} tokens, more than the text "
-                                 f"encoder's {tokenizer.model_max_length}; shorten it")  # fmt: skip
-            if reward.startswith("shapes_"):
-                import shapes_world
-
-                try:
-                    shapes_world.parse_prompt(text)
-                except ValueError as error:
-                    raise UsageError(
-                        f"{what} prompt {n} is not one the shapes world's judge can score: "
-                        f"{one_line(error).split(' in phrase ')[0]} (known words: colors "
-                        f"{', '.join(shapes_world.COLORS)}; shapes {', '.join(shapes_world.SHAPES)})"
-                    ) from None
+                raise UsageError(f"{what} prompt {text[:40]!r}... has {count} tokens, more than the "
+                                 f"text encoder's {tokenizer.model_max_length}; shorten it")  # fmt: skip
+        try:
+            rewards.check_prompts(reward, texts)
+        except ValueError as error:
+            raise UsageError(f"{what} {one_line(error)}") from None
 
 
 def check_num_steps(num_steps: int, model: str, flag: str = "--num_steps") -> None:
     """`flag` (DDIM steps) at most a local model's scheduler's training timesteps."""
     config = Path(model, "scheduler", "scheduler_config.json")
     try:
-        steps = (
-            json.loads(config.read_text()).get("num_train_timesteps", 1000)
-            if config.is_file()
-            else math.inf
-        )
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"{config} is not JSON ({error}); restore the model's scheduler") from None
+        steps = json.loads(config.read_text()).get("num_train_timesteps", 1000)
+    except FileNotFoundError:  # a hub id: diffusers checks it
+        return
+    except (OSError, ValueError, AttributeError) as error:
+        raise UsageError(
+            f"{config} is not a scheduler config ({one_line(error)}); restore it"
+        ) from None
     if num_steps > steps:
-        raise UsageError(f"{flag} {num_steps}: the model's scheduler has {steps} training timesteps; "
-                         f"pass {flag} <= {steps}")  # fmt: skip
+        raise UsageError(f"{flag} {num_steps}: the model's scheduler has {steps} training "
+                         f"timesteps; pass {flag} <= {steps}")  # fmt: skip
 
 
 def reward_options(reward: str, given: str) -> dict:
@@ -422,28 +389,23 @@ def reward_options(reward: str, given: str) -> dict:
     valid = rewards.reward_options_of(reward)
     unknown = sorted(set(options) - set(valid)) if isinstance(options, dict) else []
     if not isinstance(options, dict) or unknown:
-        raise UsageError(
-            f"--reward_options {given}: need a JSON object of {reward}'s options "
-            f"({', '.join(valid)})" + (f", not {', '.join(unknown)}" if unknown else "")
-        )
+        raise UsageError(f"--reward_options {given}: need a JSON object of {reward}'s options "
+                         f"({', '.join(valid)})" + (f", not {', '.join(unknown)}" if unknown else ""))  # fmt: skip
     return options
 
 
 def load_rewards(run: Run):
     """r for training and for the held-out score, which on a GPU runs in the original scorers'
     precision (as bench/evaluate.py, so the two numbers compare) unless the options set dtype."""
+    name, options = run.reward, run.reward_options
     try:
-        train = rewards.load_reward(run.reward, device=run.device, **run.reward_options)
-        if run.device.type != "cuda" or "dtype" in run.reward_options:
+        train = rewards.load_reward(name, device=run.device, **options)
+        if run.device.type != "cuda" or "dtype" in options:
             return train, train
-        return train, rewards.load_reward(
-            run.reward, device=run.device, dtype="original", **run.reward_options
-        )
+        return train, rewards.load_reward(name, device=run.device, dtype="original", **options)
     except (OSError, RuntimeError, ValueError) as error:
-        raise UsageError(
-            f"could not load reward {run.reward}: {one_line(error)} (pass local copies with --reward_options; "
-            f"{run.reward}'s options: {', '.join(rewards.reward_options_of(run.reward))})"
-        ) from None
+        raise UsageError(f"could not load reward {name}: {one_line(error)} (pass local copies with "
+                         f"--reward_options; {name}'s options: {', '.join(rewards.reward_options_of(name))})") from None  # fmt: skip
 
 
 def check_steps(steps: list[int], sigma_t: torch.Tensor, min_sigma: float, cfg) -> None:
@@ -451,42 +413,38 @@ def check_steps(steps: list[int], sigma_t: torch.Tensor, min_sigma: float, cfg) 
         raise UsageError(f"--eta {cfg.eta} leaves every sigma_t < {min_sigma}; raise --eta")
     if not steps:
         raise UsageError(f"--min_train_sigma {cfg.min_train_sigma} excludes every step (the largest "
-                         f"sigma_t is {sigma_t.max():.3g}); pass --min_train_sigma 0 to train all steps")  # fmt: skip
+                         f"sigma_t is {sigma_t.max():.3g}); pass --min_train_sigma 0 to train all")  # fmt: skip
 
 
 def check_ratio_noise(worst: float, clip_range: float) -> None:
-    """A fresh rollout re-scored must give rho = 1; noise near eps would be clipped as if learned."""
+    """A fresh rollout re-scored must give rho = 1: noise near eps would be clipped as if learned."""
     if worst > clip_range / 10:
-        raise UsageError(f"re-scoring a fresh rollout gives max |log rho_t| = {worst:.2e}, over a tenth of "
-                         f"--clip_range {clip_range:g}: sampling and training ran different kernels; "
-                         "pass --mixed_precision no")  # fmt: skip
+        raise UsageError(f"re-scoring a fresh rollout gives max |log rho_t| = {worst:.2e}, over a "
+                         f"tenth of --clip_range {clip_range:g}: sampling and training ran different "
+                         "kernels; pass --mixed_precision no")  # fmt: skip
 
 
 def dtype_option(dtype: torch.dtype) -> dict:
-    """from_pretrained's dtype keyword: `dtype=` from diffusers 0.40 on (`torch_dtype=` deprecated)."""
+    """from_pretrained's dtype keyword: `dtype=` from diffusers 0.40 on (`torch_dtype=` before)."""
     import diffusers
 
-    major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
-    return {"dtype" if (major, minor) >= (0, 40) else "torch_dtype": dtype}
+    new = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 40)
+    return {"dtype" if new else "torch_dtype": dtype}
 
 
 # === Ranks: torchrun's processes, the device and its precision, statistics over ranks
-def is_writer() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def setup_distributed(cfg):
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
         raise UsageError(
             "--device cuda: this torch sees no CUDA device; pass --device cpu (or auto)"
         )
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
-    if use_cuda:  # this rank's GPU, also the one NCCL's collectives use
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if cuda:  # this rank's GPU, also the one NCCL's collectives use
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     return rank, world, device
 
 
@@ -497,44 +455,46 @@ def weight_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype:
     return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
+def on_ranks() -> torch.device | None:
+    """None in one process; else where collectives' tensors live (the rank's GPU under NCCL)."""
+    if not dist.is_initialized():
+        return None
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+
+
 def broadcast(params) -> None:
-    for p in params if dist.is_initialized() else []:
+    for p in params if on_ranks() else []:
         dist.broadcast(p.data, src=0)
-
-
-def collective_device() -> torch.device:
-    """Where a collective's tensors must be: the rank's GPU under NCCL, else the CPU (gloo)."""
-    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
-    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
 def gather(values: torch.Tensor) -> torch.Tensor:
     """Every rank's (n,) values, rank-major: (world*n,) on the CPU (each rank holds as many)."""
-    if not dist.is_initialized():
+    if (device := on_ranks()) is None:
         return values
-    parts = [
-        torch.zeros_like(values, device=collective_device()) for _ in range(dist.get_world_size())
-    ]
-    dist.all_gather(parts, values.to(collective_device()).contiguous())
+    parts = [torch.zeros_like(values, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, values.to(device).contiguous())
     return torch.cat(parts).cpu()
 
 
 def mean_over_ranks(stats: dict) -> dict:
-    """Logged statistics, each averaged over ranks (as DDPO's); None stays None."""
-    if not dist.is_initialized():
+    """Logged statistics (numbers or lists), each averaged over ranks (as DDPO's); None stays."""
+    if on_ranks() is None:
         return stats
-    out = {}
-    for key, value in stats.items():
-        shards = [None] * dist.get_world_size()
-        dist.all_gather_object(shards, value)
-        out[key] = None if value is None else np.mean(shards, axis=0).tolist()
-    return out
+    shards = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, stats)
+    return {
+        k: None if v is None else np.mean([s[k] for s in shards], 0).tolist()
+        for k, v in stats.items()
+    }
 
 
 def mean_and_std(reward: torch.Tensor) -> tuple[float, float]:
-    """Mean and std of every rank's rewards, in float64: std = sqrt(E[r^2] - E[r]^2)."""
-    moments = torch.tensor([reward.mean(), (reward**2).mean()], dtype=torch.float64)
-    mean, second = moments.tolist()
+    """Mean and std of the rewards in float64: std = sqrt(E[r^2] - E[r]^2)."""
+    mean, second = torch.tensor([reward.mean(), (reward**2).mean()], dtype=torch.float64).tolist()
     return mean, math.sqrt(max(0.0, second - mean**2))
 
 
@@ -542,8 +502,8 @@ def check_finite(prompts: list[str], reward: torch.Tensor, *samples: torch.Tenso
     """Stop every rank together on a non-finite sample (NonFinite) or reward (naming its prompts)."""
     bad = sorted({p for p, r in zip(prompts, reward.tolist()) if not math.isfinite(r)})
     finite = all(torch.isfinite(s).all() for s in samples)
-    flags = torch.tensor([float(not finite), float(bool(bad))], device=collective_device())
-    if dist.is_initialized():
+    flags = torch.tensor([float(not finite), float(bool(bad))], device=on_ranks())
+    if on_ranks():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags[0]:
         raise NonFinite("the sampler's latents or log-probs", False)
@@ -555,9 +515,9 @@ def check_finite(prompts: list[str], reward: torch.Tensor, *samples: torch.Tenso
 
 
 # === The run folder: config.json, metrics.jsonl, samples/, lora/, checkpoint/; one process at a time
-def lock_holder(run: Path) -> str | None:
+def lock_holder(folder: Path) -> str | None:
     """Who holds the run folder's lock ('pid N on HOST since T'), or None."""
-    with contextlib.suppress(OSError), open(run / LOCK) as lock:
+    with contextlib.suppress(OSError), open(folder / LOCK) as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
@@ -565,29 +525,23 @@ def lock_holder(run: Path) -> str | None:
     return None
 
 
-def resume_advice(run: Run) -> str:
-    """What was kept and the command that continues, true of the folder as it is now."""
-    if (epoch := checkpoint_epoch(run.folder)) is None:
-        return "no checkpoint was written, so there is nothing to resume: run the command again"
-    config = json.loads((run.folder / "config.json").read_text())
-    if epoch >= config["epochs"]:
+def advice(run: Run, cfg, error: BaseException) -> str:
+    """What was kept and what to do, true of the folder as it is now: a command that works."""
+    epoch = checkpoint_epoch(run.folder)
+    if isinstance(error, NonFinite) and not (epoch or error.args[1]):  # the untrained model
+        return (f"{error.args[0]} are non-finite before any update: --guidance_scale "
+                f"{cfg.guidance_scale:g} or --eta {cfg.eta:g} overflows the sampler (or --model "
+                "holds inf/NaN weights); pass a smaller --guidance_scale (the default is 5)")  # fmt: skip
+    if isinstance(error, NonFinite):
+        return (f"{error.args[0]} became non-finite: the LoRA weights diverged at --lr {cfg.lr:g}; "
+                f"start a new run with a smaller one (e.g. --lr {min(cfg.lr / 4, 4e-3):g}) and "
+                "another --out (this folder keeps its last checkpoint)")  # fmt: skip
+    if epoch is None:
+        return "nothing was kept (no checkpoint yet; the folder is removed): run it again"
+    if epoch >= cfg.epochs:
         return f"the run is complete: the LoRA is at {run.folder / 'lora'}"
     command = f"{run.launcher} --resume {shlex.quote(str(run.folder))}"
     return f"the checkpoint of epoch {epoch} is intact; continue with: {command}"
-
-
-def non_finite_advice(error: NonFinite, cfg, updated: bool) -> str:
-    if not updated:  # the untrained model: the sampling settings or the model itself
-        return (
-            f"{error.args[0]} are non-finite before any update: --guidance_scale "
-            f"{cfg.guidance_scale:g} or --eta {cfg.eta:g} overflows the sampler (or --model holds "
-            "inf/NaN weights); pass a smaller --guidance_scale (the default is 5)"
-        )
-    return (
-        f"{error.args[0]} became non-finite: the LoRA weights diverged at --lr {cfg.lr:g}; start a "
-        f"new run with a smaller one (e.g. --lr {min(cfg.lr / 4, 4e-3):g}) and another --out "
-        "(this folder keeps its last checkpoint)"
-    )
 
 
 def stop(signum, frame):
@@ -599,10 +553,9 @@ def claimed(run: Run, cfg):
     """The run folder for this process alone (flock), checked writable before any model loads.
     A fresh run that ends before its first checkpoint leaves nothing; a write fault, Ctrl-C or
     SIGTERM ends in one line that says what was kept and the command that continues."""
-    folder, fresh = run.folder, not cfg.resume
+    folder, lock, handler = run.folder, None, signal.getsignal(signal.SIGTERM)
     existed = {name for name in RUN_FILES if (folder / name).exists()}
     created = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
-    lock, handler = None, signal.getsignal(signal.SIGTERM)
     try:
         if run.writer:
             try:
@@ -616,31 +569,29 @@ def claimed(run: Run, cfg):
                 raise UsageError(f"{folder} is being trained by {lock_holder(folder)}; wait for it "
                                  "to end or pass another --out") from None  # fmt: skip
             lock.truncate(0)
-            lock.write(
-                f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%H:%M:%S')}"
-            )
+            lock.write(f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%X')}")
             lock.flush()
             for stale in folder.rglob("*.tmp[0-9]*"):  # left by a kill mid-write; ours alone now
                 stale.unlink(missing_ok=True)
-            if fresh:
+            if not cfg.resume:
                 config = json.dumps(dataclasses.asdict(cfg), indent=2)
                 atomic_write(folder / "config.json", lambda tmp: tmp.write_text(config))
         with contextlib.suppress(ValueError):  # (not the main thread: no handler)
             signal.signal(signal.SIGTERM, stop)
         yield
     except NonFinite as error:
-        epoch = checkpoint_epoch(folder) or 0
-        raise UsageError(non_finite_advice(error, cfg, epoch > 0 or error.args[1])) from None
+        raise UsageError(advice(run, cfg, error)) from None
     except (KeyboardInterrupt, WriteFault) as error:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut this short
-        kept = resume_advice(run)
-        if fresh and checkpoint_epoch(folder) is None:
-            kept = "nothing was kept (no checkpoint yet; the folder is removed): run it again"
-        what = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
-        kind = Interrupted if isinstance(error, KeyboardInterrupt) else WriteFault
-        raise kind(f"{what}: {kept}") from None
+        with contextlib.suppress(ValueError):  # a second Ctrl-C does not cut the message short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        what, kind = (
+            ("interrupted", Interrupted)
+            if isinstance(error, KeyboardInterrupt)
+            else (error, WriteFault)
+        )
+        raise kind(f"{what}: {advice(run, cfg, error)}") from None
     finally:
-        if run.writer and lock and fresh and checkpoint_epoch(folder) is None:
+        if lock and not cfg.resume and checkpoint_epoch(folder) is None:
             for name in set(RUN_FILES) - existed:  # undo a fresh run: what it wrote, no more
                 path = folder / name
                 shutil.rmtree(path, True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -674,15 +625,16 @@ def atomic_write(path: Path, write) -> None:
 
 def save_grid(path: Path, images, prompts: list[str], reward) -> None:
     """PNG grid of (N, 3, H, W) images in [0, 1], 8 a row, and a .txt of 'prompt | r=reward'."""
+    from diffusers.utils import make_image_grid, numpy_to_pil
     from PIL import Image
 
-    n, _, h, w = images.shape
-    grid = torch.zeros(3, math.ceil(n / 8) * h, min(n, 8) * w)  # (3, rows*H, cols*W)
-    for i, image in enumerate(images):
-        row, col = divmod(i, 8)
-        grid[:, row * h : (row + 1) * h, col * w : (col + 1) * w] = image
-    pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H', W', 3)
-    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+    pil = numpy_to_pil(images.permute(0, 2, 3, 1).numpy())  # (N, H, W, 3) -> N images
+    cols = min(len(pil), 8)
+    rows = -(-len(pil) // cols)
+    grid = make_image_grid(
+        pil + [Image.new("RGB", pil[0].size)] * (rows * cols - len(pil)), rows, cols
+    )
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
     text = "".join(f"{p} | r={r:.3f}\n" for p, r in zip(prompts, reward.tolist()))
     atomic_write(path.with_suffix(".txt"), lambda tmp: tmp.write_text(text))
 
@@ -712,7 +664,7 @@ def checkpoint_epoch(folder: Path) -> int | None:
 
 
 def load_checkpoint(run: Run, unet, optimizer, ema: list, scaler) -> int:
-    """Restore what save_epoch wrote, each part checked against this run; returns the next epoch.
+    """Restore what save_epoch wrote, each part checked against this run; the next epoch.
     metrics.jsonl keeps the rows the checkpoint covers (a kill between row and checkpoint)."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -724,29 +676,27 @@ def load_checkpoint(run: Run, unet, optimizer, ema: list, scaler) -> int:
     keys = ("lora", "optimizer", "ema", "next_epoch", "rng")
     if not isinstance(state, dict) or (missing := [k for k in keys if k not in state]):
         raise UsageError(f"--resume: {path} is not a loop.py checkpoint (no {missing}); start anew")
-    own = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(unet).items()}
-    if {k: tuple(v.shape) for k, v in state["lora"].items()} != own:
+    shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(unet).items()}
+    if {k: tuple(v.shape) for k, v in state["lora"].items()} != shapes:
         raise UsageError(f"--resume: {path}'s LoRA (rank, modules) does not fit config.json's")
-    if state.get("world", 1) != run.world:  # each rank's noise and prompts depend on it
-        raise UsageError(f"--resume: the run was trained on {state.get('world', 1)} rank(s); resume "
-                         f"it on as many (a resume on {run.world} would not continue it exactly)")  # fmt: skip
+    if (world := state.get("world", 1)) != run.world:  # each rank's noise and prompts depend on it
+        raise UsageError(f"--resume: the run was trained on {world} rank(s); resume it on as many "
+                         f"(on {run.world} it would not continue exactly)")  # fmt: skip
     set_peft_model_state_dict(unet, state["lora"])
+    optimizer.load_state_dict(state["optimizer"])
     if scaler.is_enabled() and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    optimizer.load_state_dict(state["optimizer"])
     for average, saved in zip(ema, state["ema"], strict=True):
         average.copy_(saved)
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+    for name, (_, restore) in RNGS.items():
+        restore(state["rng"][name])
+    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     epoch = state["next_epoch"]
     if run.writer:
         rows = [r for r in read_metrics(run.folder) if r["epoch"] <= epoch]  # row N: epoch N's
-        if [r["epoch"] for r in rows] != list(range(epoch + 1)):
-            print(f"warning: {run.folder}/metrics.jsonl holds epochs {[r['epoch'] for r in rows]} of "
-                  f"0-{epoch}: rows from epoch {epoch + 1} on are appended to them")  # fmt: skip
+        if (kept := [r["epoch"] for r in rows]) != list(range(epoch + 1)):
+            print(f"warning: {run.folder}/metrics.jsonl holds epochs {kept} of 0-{epoch}")
         text = "".join(json.dumps(r) + "\n" for r in rows)
         atomic_write(run.folder / "metrics.jsonl", lambda tmp: tmp.write_text(text))
         print(f"resumed {run.folder} at epoch {epoch}")
@@ -754,14 +704,14 @@ def load_checkpoint(run: Run, unet, optimizer, ema: list, scaler) -> int:
 
 
 def read_metrics(folder: Path) -> list[dict]:
-    """metrics.jsonl's rows ([] if it was deleted), each an object with an integer epoch, in order."""
+    """metrics.jsonl's rows ([] if it was deleted), objects with increasing integer epochs."""
     path = folder / "metrics.jsonl"
-    if not path.exists():
-        return []
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text().splitlines() if path.exists() else []
     except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{path} is unreadable ({one_line(error)}); delete it to start it again")
+        raise UsageError(
+            f"{path} is unreadable ({one_line(error)}); delete it to start it anew"
+        ) from None
     rows = []
     for n, line in enumerate(lines):
         try:
@@ -771,17 +721,23 @@ def read_metrics(folder: Path) -> list[dict]:
                 raise UsageError(f"{path}: line {n + 1} is not JSON; fix or delete it") from None
     epochs = [r.get("epoch") if isinstance(r, dict) else None for r in rows]
     if any(type(e) is not int for e in epochs) or epochs != sorted(set(epochs)):
-        raise UsageError(f"{path}: rows need increasing integer epochs ({epochs[:8]}...); fix it")
+        raise UsageError(
+            f"{path}: rows need increasing integer epochs, not {epochs[:6]}...; fix it"
+        )
     return rows
 
 
 def save_epoch(run: Run, row: dict, grids: dict, unet, optimizer, ema: list, scaler) -> None:
     """Rank 0 writes the epoch: its grids, its metrics row (strict JSON), the checkpoint last."""
+    from peft.utils import get_peft_model_state_dict
+    from tqdm import tqdm
+
     if not run.writer:
         return
-    samples = run.folder / "samples"
     for kind, (images, prompts, reward) in grids.items():
-        save_grid(samples / f"{kind}_epoch_{row['epoch']:04d}.png", images, prompts, reward)
+        save_grid(
+            run.folder / "samples" / f"{kind}_epoch_{row['epoch']:04d}.png", images, prompts, reward
+        )
     for key, value in row.items():  # metrics.jsonl is strict JSON: null, and a warning
         if isinstance(value, float) and not math.isfinite(value):
             print(
@@ -797,99 +753,72 @@ def save_epoch(run: Run, row: dict, grids: dict, unet, optimizer, ema: list, sca
         raise WriteFault(
             f"could not write {run.folder / 'metrics.jsonl'} ({one_line(error)})"
         ) from None
-    rng = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
+    rng = {name: get() for name, (get, _) in RNGS.items()}
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    from peft.utils import get_peft_model_state_dict
-
     state = {
         "lora": get_peft_model_state_dict(unet),
         "optimizer": optimizer.state_dict(),
         "ema": ema,
-        "rng": rng,
     }
-    state |= {"next_epoch": row["epoch"], "world": run.world, "scaler": scaler.state_dict()}
+    state |= {
+        "rng": rng,
+        "next_epoch": row["epoch"],
+        "world": run.world,
+        "scaler": scaler.state_dict(),
+    }
     atomic_write(run.folder / "checkpoint" / "state.pt", lambda tmp: torch.save(state, tmp))
-    print_epoch(run, row)
-
-
-def print_epoch(run: Run, row: dict) -> None:
-    from tqdm import tqdm
-
-    held_out = row["eval_reward_mean"]
-    if row["epoch"] == 0:
+    if (held_out := row["eval_reward_mean"]) is not None and row["epoch"] == 0:
         return print(f"held-out {run.reward} before training: {held_out:.4f}")
     line = f"epoch {row['epoch']}: reward {row['reward_mean']:.4f} clipfrac {row['clipfrac']:.3f}"
     tqdm.write(line + (f" held-out {held_out:.4f}" if held_out is not None else ""))
     if not row["grad_norm"]:  # None: every step skipped; 0: every gradient 0
-        tqdm.write(f"warning: epoch {row['epoch']}: the LoRA gradient was exactly zero (or non-finite) at "
-                   "every update: nothing learned (all advantages zero? fp16 underflow?)")  # fmt: skip
+        tqdm.write(f"warning: epoch {row['epoch']}: the LoRA gradient was exactly zero (or non-"
+                   "finite) at every update: nothing learned (all advantages zero? fp16 underflow?)")  # fmt: skip
 
 
 def print_start(cfg, run: Run, models, steps: list[int], n_lora: int) -> None:
     if run.writer:
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
-        print("derived:", json.dumps(run.sizes))
+        print("config:", json.dumps(dataclasses.asdict(cfg)), "\nderived:", json.dumps(run.sizes))
         print(
             f"reward {run.reward}: {len(run.train_prompts)} training prompts, "
             f"{len(run.eval_prompts)} held-out images ({cfg.eval_images_per_prompt} per prompt)"
         )
-        print(
-            f"model {run.model}: {models.resolution}px, latent {models.latent_shape}, {n_lora} LoRA "
-            f"weights, {run.device}, {run.weight_dtype}, {len(steps)}/{cfg.num_steps} steps trained"
-        )
+        print(f"model {run.model}: {models.resolution}px, latent {models.latent_shape}, {n_lora} "
+              f"LoRA weights, {run.device}, {run.weight_dtype}, {len(steps)}/{cfg.num_steps} "
+              "steps trained")  # fmt: skip
 
 
-def finish(run: Run, resolution: int) -> None:
-    """The run's last lines: held-out score before -> after, the labelled before/after picture."""
-    if run.writer:
-        evals = [r for r in read_metrics(run.folder) if r["eval_reward_mean"] is not None]
-        first, last = evals[0], evals[-1]
-        before = f"before {first['eval_reward_mean']:.4f} -> after " if first["epoch"] == 0 else ""
-        print(
-            f"held-out {run.reward}: {before}{last['eval_reward_mean']:.4f} (epoch {last['epoch']})"
-        )
-        grids = [run.folder / "samples" / f"eval_epoch_{r['epoch']:04d}.png" for r in (first, last)]
-        if all(grid.is_file() for grid in grids):
-            print(
-                f"before/after grid: {before_after(run.folder, grids, (first, last), resolution)}"
-            )
-        print(f"LoRA: {run.folder / 'lora' / 'pytorch_lora_weights.safetensors'}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def before_after(folder: Path, grids: list[Path], rows: list[dict], size: int) -> Path:
-    """The first 8 held-out images before (top) and after (bottom) training, each row labelled with
-    its epoch and score, each column with its prompt and two scores (from the grids' .txt files)."""
+def finish(run: Run, size: int) -> None:
+    """The run's last lines: held-out score before -> after, the labelled before/after picture:
+    the first 8 held-out images before (top) and after training (bottom), 2x, each row labelled
+    with its epoch and mean score, each column with its prompt and its two scores."""
     from PIL import Image, ImageDraw
 
-    scale, label = 2, 96  # images drawn 2x; a label column on the left
-    lines = [grid.with_suffix(".txt").read_text().splitlines()[:8] for grid in grids]
-    out = Image.new("RGB", (label + 8 * size * scale, 2 * size * scale + 40), "white")
-    draw = ImageDraw.Draw(out)
-    for i, (grid, row) in enumerate(zip(grids, rows)):
-        strip = Image.open(grid).crop((0, 0, 8 * size, size))
-        out.paste(
-            strip.resize((8 * size * scale, size * scale), Image.NEAREST), (label, i * size * scale)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if not run.writer:
+        return
+    evals = [r for r in read_metrics(run.folder) if r["eval_reward_mean"] is not None]
+    (first, last), samples = (evals[0], evals[-1]), run.folder / "samples"
+    before = f"before {first['eval_reward_mean']:.4f} -> after " if first["epoch"] == 0 else ""
+    print(f"held-out {run.reward}: {before}{last['eval_reward_mean']:.4f} (epoch {last['epoch']})")
+    grids = [samples / f"eval_epoch_{r['epoch']:04d}.png" for r in (first, last)]
+    if all(grid.is_file() for grid in grids):
+        s, left = 2 * size, 72  # each image drawn 2x; a label column on the left
+        out = Image.new("RGB", (left + 8 * s, 2 * s + 36), "white")
+        draw, texts = (
+            ImageDraw.Draw(out),
+            [g.with_suffix(".txt").read_text().splitlines() for g in grids],
         )
-        name = "before" if row["epoch"] == 0 else "after"
-        draw.text(
-            (4, i * size * scale + 4),
-            f"{name}\nepoch {row['epoch']}\nmean {row['eval_reward_mean']:.3f}",
-            fill="black",
-        )
-    for col, (a, b) in enumerate(zip(*lines)):
-        prompt, r0 = a.rsplit(" | r=", 1)
-        x = label + col * size * scale + 2
-        draw.text(
-            (x, 2 * size * scale + 2),
-            f"{prompt[:21]}\n{prompt[21:42]}\n{r0} -> {b.rsplit('=', 1)[1]}",
-            fill="black",
-        )
-    path = folder / "samples" / "before_after.png"
-    atomic_write(path, lambda tmp: out.save(tmp, format="PNG"))
-    return path
+        for i, (grid, row) in enumerate(zip(grids, (first, last))):
+            strip = Image.open(grid).crop((0, 0, 8 * size, size)).resize((8 * s, s), Image.NEAREST)
+            out.paste(strip, (left, i * s))
+            label = f"{'after' if i else 'before'}\nepoch {row['epoch']}\nmean {row['eval_reward_mean']:.3f}"
+            draw.text((4, i * s + 4), label, fill="black")
+        for col, (a, b) in enumerate(zip(texts[0][:8], texts[1][:8])):
+            prompt, r0 = a.rsplit(" | r=", 1)
+            caption = textwrap.wrap(prompt, s // 6)[:2] + [f"{r0} -> {b.rsplit('=', 1)[1]}"]
+            draw.text((left + col * s + 2, 2 * s + 2), "\n".join(caption), fill="black")
+        atomic_write(samples / "before_after.png", lambda tmp: out.save(tmp, format="PNG"))
+        print(f"before/after grid: {samples / 'before_after.png'}")
+    print(f"LoRA: {run.folder / 'lora' / 'pytorch_lora_weights.safetensors'}")

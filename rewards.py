@@ -957,3 +957,21 @@ def route_lists(reward: str, folder: str | Path) -> dict:
     """complex's `lists` option when `folder` holds CompBench's complex_*_spatial.txt route lists."""
     has_lists = reward == "complex" and folder and any(Path(folder).glob("complex_*_spatial.txt"))
     return {"lists": str(folder)} if has_lists else {}
+
+
+def check_prompts(name: str, prompts: list[str]) -> None:
+    """ValueError naming the first prompt that reward `name` cannot score: the shapes world's
+    judges know only that world's words (every other reward scores any text)."""
+    if name.startswith("shapes_"):
+        import shapes_world
+
+        for n, prompt in enumerate(prompts, 1):
+            try:
+                shapes_world.parse_prompt(prompt)
+            except ValueError as error:
+                reason = " ".join(str(error).split()).split(" in phrase ")[0]
+                raise ValueError(
+                    f"prompt {n} is not one the shapes world's judge can score: {reason} (known "
+                    f"words: colors {', '.join(shapes_world.COLORS)}; shapes "
+                    f"{', '.join(shapes_world.SHAPES)})"
+                ) from None

@@ -189,7 +189,12 @@ def load_only(cfg: loop.Config) -> dict:
     device = loop_utils.setup_distributed(cfg)[2]
     dtype = loop_utils.weight_dtype_for(cfg.mixed_precision, device)
     models = loop.load_models(
-        loop_utils.resolve_model_path(cfg.model), device, dtype, cfg.lora_rank, cfg.seed, cfg.lora_modules
+        loop_utils.resolve_model_path(cfg.model),
+        device,
+        dtype,
+        cfg.lora_rank,
+        cfg.seed,
+        cfg.lora_modules,
     )
     loop.make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
     return {"seconds_per_epoch": None}

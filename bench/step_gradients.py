@@ -35,7 +35,10 @@ def mean_and_se(values: list[float]) -> str:
 
 
 def main(
-    model: str = "shapes_world/tiny-shapes", rollouts: int = 6, prompts_per_rollout: int = 8, k: int = 4
+    model: str = "shapes_world/tiny-shapes",
+    rollouts: int = 6,
+    prompts_per_rollout: int = 8,
+    k: int = 4,
 ) -> None:
     cfg = loop.Config(model=model, k=k)
     torch.set_flush_denormal(True)
