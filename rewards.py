@@ -28,7 +28,7 @@ Scorers (name -> what it computes, default model)
                             the shapes world's exact pixel judges (shapes_world.score)
 
 Precision. `dtype=None` (the training default) runs the models in bfloat16 on CUDA; `dtype="original"`
-(the default of `rewards.py evaluate`) runs each as its original does on CUDA: BLIP, CLIP ViT-L/14
+(the default of `bench/evaluate.py`) runs each as its original does on CUDA: BLIP, CLIP ViT-L/14
 (aesthetic) and OWLv2 in float32, CLIP ViT-B/32 (non_spatial, clipscore, complex's action) in
 float16. bfloat16 moves CLIP cosines by about as much as published models differ: compare evaluation
 numbers only at "original". On the CPU everything runs in float32 unless a dtype is given.
@@ -81,7 +81,7 @@ Known gaps with T2I-CompBench's original code, and how they are handled
 8. complex: CompBench's 3-in-1 scores the prompts of its complex_*_spatial.txt list (attribute +
    spatial) / 2, of its complex_*_action.txt list (attribute + CLIP on the prompt without adjectives)
    / 2, and every other prompt (its spatialaction list) as the mean of all three. `lists=FOLDER` (and
-   `rewards.py evaluate` when the prompt file's folder has the lists) routes exactly so. Without the
+   `bench/evaluate.py` when the prompt file's folder has the lists) routes exactly so. Without the
    lists a prompt with a relation word is routed spatial and any other action, never 3-way: of the
    300 complex_val prompts that routes 102 spatial (the lists' 58 spatial and 30 three-way, and 14
    they route action) and 198 action (all action in the lists too). Only the branches a prompt needs

@@ -494,7 +494,7 @@ def test_reward_options_are_checked_against_the_reward_loaders_names(tmp_path):
 
 def test_held_out_score_uses_the_original_scorers_precision_on_a_gpu(monkeypatch):
     """Training scores in bf16 on a GPU (dtype=None); the held-out score in the precision
-    `rewards.py evaluate` uses, so the two numbers compare; on the CPU both are fp32: one."""
+    `bench/evaluate.py` uses, so the two numbers compare; on the CPU both are fp32: one."""
     calls = []
     monkeypatch.setattr(rewards, "load_reward", lambda name, **kw: calls.append(kw) or kw)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")

@@ -24,6 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import loop_utils
 import rewards
 
 torch.set_num_threads(1)
@@ -278,9 +279,9 @@ def test_pipeline_dtype_keyword_follows_the_diffusers_version(monkeypatch):
     import diffusers
 
     monkeypatch.setattr(diffusers, "__version__", "0.31.0")
-    assert rewards.diffusers_dtype_option(torch.float16) == {"torch_dtype": torch.float16}
+    assert loop_utils.dtype_option(torch.float16) == {"torch_dtype": torch.float16}
     monkeypatch.setattr(diffusers, "__version__", "0.42.1")
-    assert rewards.diffusers_dtype_option(torch.float16) == {"dtype": torch.float16}
+    assert loop_utils.dtype_option(torch.float16) == {"dtype": torch.float16}
 
 
 def test_missing_local_weights_say_how_to_provide_them(tmp_path):

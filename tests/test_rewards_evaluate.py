@@ -1,4 +1,5 @@
-"""The CompBench-style evaluation command (`python rewards.py evaluate ...`) and the shapes-world judges.
+"""The CompBench-style evaluation command (`python bench/evaluate.py PROMPTS REWARD ...`) and the
+shapes-world judges.
 
 The pipeline is the tiny Stable Diffusion of tests/conftest.py (random weights, built from configs,
 saved with `save_pretrained`), so the command loads it through `StableDiffusionPipeline.from_pretrained`
@@ -7,6 +8,7 @@ like a real model folder.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -20,8 +22,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import loop_utils
 import rewards
 
+bench_evaluate = importlib.import_module("bench.evaluate")  # the script, imported as a module
+EVALUATE = [sys.executable, "bench/evaluate.py"]  # the command, run from the repository root
 torch.set_num_threads(1)
 
 PROMPTS = [
@@ -65,7 +70,7 @@ EVAL_ARGS = {"images_per_prompt": 2, "num_inference_steps": 3, "guidance_scale":
 
 def test_evaluate_command_end_to_end(tiny_sd, prompt_file, tmp_path):
     out = tmp_path / "scores.json"
-    command = [sys.executable, "rewards.py", "evaluate", "--model", str(tiny_sd)]
+    command = [*EVALUATE, "--model", str(tiny_sd)]
     command += ["--prompts", str(prompt_file), "--reward", "jpeg_compressibility"]
     command += ["--images_per_prompt", "2", "--num_inference_steps", "3", "--seed", "0"]
     command += ["--guidance_scale", "3.0", "--device", "cpu", "--out", str(out)]
@@ -81,6 +86,8 @@ def test_evaluate_command_end_to_end(tiny_sd, prompt_file, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "jpeg_compressibility on 2 prompts x 2 images: mean" in run.stdout
+    assert run.stdout.count("mean") == 1  # once, with the seconds (fire printed it a second time)
+    assert "sampling: num_inference_steps 3, guidance_scale 3.0, eta 0.0 (" in run.stdout
     result = json.loads(out.read_text())
     assert [r["prompt"] for r in result["per_prompt"]] == PROMPTS
     assert [r["seed"] for r in result["per_prompt"]] == [0, 1]
@@ -88,8 +95,9 @@ def test_evaluate_command_end_to_end(tiny_sd, prompt_file, tmp_path):
     means = [sum(r["scores"]) / 2 for r in result["per_prompt"]]
     assert result["mean"] == pytest.approx(sum(means) / 2)
     assert result["reward_dtype"] == "original"  # evaluation scores at the originals' precision
+    assert (result["num_inference_steps"], result["guidance_scale"], result["eta"]) == (3, 3.0, 0.0)
     # the same command in-process gives the same numbers: seeds are fixed per prompt
-    same = rewards.evaluate(
+    same = bench_evaluate.evaluate(
         str(prompt_file),
         "jpeg_compressibility",
         str(tiny_sd),
@@ -108,8 +116,8 @@ def test_evaluate_with_lora_changes_the_images(tiny_sd, prompt_file, tmp_path):
         "reward": "jpeg_incompressibility",
         "model": str(tiny_sd),
     }
-    rewards.evaluate(**common, device="cpu", out=str(base), **EVAL_ARGS)
-    rewards.evaluate(**common, lora=str(lora), device="cpu", out=str(tuned), **EVAL_ARGS)
+    bench_evaluate.evaluate(**common, device="cpu", out=str(base), **EVAL_ARGS)
+    bench_evaluate.evaluate(**common, lora=str(lora), device="cpu", out=str(tuned), **EVAL_ARGS)
     base_scores = [r["scores"] for r in json.loads(base.read_text())["per_prompt"]]
     tuned_scores = [r["scores"] for r in json.loads(tuned.read_text())["per_prompt"]]
     assert base_scores != tuned_scores
@@ -120,35 +128,40 @@ def test_evaluate_with_lora_changes_the_images(tiny_sd, prompt_file, tmp_path):
 def test_reward_model_only_where_it_means_something(reward, tiny_sd, prompt_file):
     """--reward_model used to raise a TypeError deep in the loader for rewards without one model."""
     with pytest.raises(ValueError, match="--reward_model does not apply to reward"):
-        rewards.evaluate(str(prompt_file), reward, str(tiny_sd), device="cpu", reward_model="DIR")
+        bench_evaluate.evaluate(
+            str(prompt_file), reward, str(tiny_sd), device="cpu", reward_model="DIR"
+        )
 
 
 def test_evaluation_options(tmp_path, capsys):
     prompts = tmp_path / "complex_val.txt"
     prompts.write_text("The red cup was on the left of the blue bowl.\n")
-    assert rewards.evaluation_options("color", str(prompts), "DIR", None) == {"model": "DIR"}
+    assert bench_evaluate.evaluation_options("color", str(prompts), "DIR", None) == {"model": "DIR"}
     # complex: CompBench's route lists are used when the prompt file's folder has them
-    assert rewards.evaluation_options("complex", str(prompts), None, None) == {}
+    assert bench_evaluate.evaluation_options("complex", str(prompts), None, None) == {}
     (tmp_path / "complex_val_spatial.txt").write_text(
         "The red cup was on the left of the blue bowl.\n"
     )
     options = {"blip_model": "B"}
     expected = {"blip_model": "B", "lists": str(tmp_path)}
-    assert rewards.evaluation_options("complex", str(prompts), None, options) == expected
+    assert bench_evaluate.evaluation_options("complex", str(prompts), None, options) == expected
     assert "routing prompts with CompBench's lists" in capsys.readouterr().out
 
 
 def test_evaluate_rejects_an_empty_prompt_file(tiny_sd, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    with pytest.raises(ValueError, match="holds no prompts"):
-        rewards.evaluate(str(empty), "jpeg_compressibility", str(tiny_sd), device="cpu")
+    with pytest.raises(ValueError, match="empty.txt is empty; write one prompt per line"):
+        bench_evaluate.evaluate(str(empty), "jpeg_compressibility", str(tiny_sd), device="cpu")
 
 
 def test_shapes_world_model_resolves_compbench_names(tmp_path, capsys):
     (tmp_path / "shapes_world.json").write_text(json.dumps({"world": "shapes"}))
     assert rewards.resolve_reward_name(str(tmp_path), "color") == "shapes_color"
-    assert "resolved to 'shapes_color'" in capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # rewards.py only answers; the command says it
+    assert bench_evaluate.resolve_reward_name(str(tmp_path), "color") == "shapes_color"
+    said = "shapes-world model: color resolves to shapes_color (the exact pixel judge)\n"
+    assert capsys.readouterr().out == said
     assert rewards.resolve_reward_name(str(tmp_path), "spatial") == "shapes_spatial"
     assert rewards.resolve_reward_name(str(tmp_path), "aesthetic") == "aesthetic"
     assert rewards.resolve_reward_name(str(tmp_path.parent), "color") == "color"
@@ -162,8 +175,8 @@ def test_evaluate_records_the_diffusion_model_and_the_reward_options_apart(
         rewards, "load_reward", lambda name, **kw: lambda im, p: torch.zeros(len(im))
     )
     out = tmp_path / "scores.json"
-    rewards.evaluate(str(prompt_file), "aesthetic", str(tiny_sd), device="cpu", out=str(out),
-                     reward_model="/data/clip-l14", **EVAL_ARGS)  # fmt: skip
+    bench_evaluate.evaluate(str(prompt_file), "aesthetic", str(tiny_sd), device="cpu", out=str(out),
+                            reward_model="/data/clip-l14", **EVAL_ARGS)  # fmt: skip
     result = json.loads(out.read_text())
     assert result["model"] == str(tiny_sd)
     assert result["reward_options"] == {"model": "/data/clip-l14"}
@@ -176,8 +189,10 @@ def test_evaluate_on_a_shapes_world_folder_uses_the_exact_judge(
     shutil.copytree(tiny_sd, model)
     (model / "shapes_world.json").write_text(json.dumps({"world": "shapes"}))
     out = tmp_path / "scores.json"
-    rewards.evaluate(str(prompt_file), "color", str(model), device="cpu", out=str(out), **EVAL_ARGS)
-    assert "resolved to 'shapes_color'" in capsys.readouterr().out
+    bench_evaluate.evaluate(
+        str(prompt_file), "color", str(model), device="cpu", out=str(out), **EVAL_ARGS
+    )
+    assert "color resolves to shapes_color" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["reward"] == "shapes_color"
     assert all(0 <= s <= 1 for r in result["per_prompt"] for s in r["scores"])
@@ -239,8 +254,8 @@ def test_evaluate_command_bad_options_are_one_line(case, tiny_sd, prompt_file, t
         if flag not in args:
             args += [flag, value]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    run = subprocess.run([sys.executable, "rewards.py", "evaluate", *args], check=False,
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run([*EVALUATE, *args], check=False, cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 2, run.stderr[-2000:]
     lines = run.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and expected in lines[-1], lines[-3:]
@@ -260,6 +275,8 @@ def make_inputs(tmp: Path) -> dict[str, str]:
     (tmp / "lora-config-only").mkdir()
     (tmp / "lora-config-only" / "adapter_config.json").write_text("{}")
     (tmp / "notes.txt").write_text("no weights\n")
+    (tmp / "blank.txt").write_text("\n \n")
+    (tmp / "latin1.txt").write_bytes("a caf\xe9 on the left of a circle\n".encode("latin-1"))
     return {"tmp": str(tmp), "out": str(tmp / "scores.json")}
 
 
@@ -283,8 +300,15 @@ CLI_BAD_INPUTS = {
         "{prompts} jpeg_compressibility --guidance_scale -inf",
         "write --guidance_scale=-inf",
     ),
-    "no such command": ("{prompts} jpeg_compressibility", "the only command is evaluate"),
-    "no reward": ("{prompts}", "missing REWARD: python rewards.py evaluate PROMPTS REWARD"),
+    "no prompts": (
+        "--reward jpeg_compressibility",
+        "missing PROMPTS: python bench/evaluate.py PROMPTS REWARD",
+    ),
+    "no reward": ("{prompts}", "missing REWARD: python bench/evaluate.py PROMPTS REWARD"),
+    "the old command word": (
+        "evaluate {prompts} jpeg_compressibility",
+        "unexpected argument(s) 'jpeg_compressibility'",
+    ),
     "neither prompts nor reward": ("--seed 1", "missing PROMPTS and REWARD"),
     "numbers: --images_per_prompt 0": (
         "{prompts} jpeg_compressibility --images_per_prompt 0",
@@ -307,11 +331,10 @@ def test_evaluate_command_line_bad_input(case, tiny_sd, prompt_file, tmp_path):
     args = [word.format(**names) for word in words.split()]
     args += ["--model", str(tiny_sd), "--device", "cpu", "--num_inference_steps", "1"]
     args += [] if "--out" in args else ["--out", names["out"]]  # a run that goes ahead writes it
-    command = "evaluat" if case == "no such command" else "evaluate"
     before = files_under(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    run = subprocess.run([sys.executable, "rewards.py", command, *args], check=False, cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run([*EVALUATE, *args], check=False, cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2, run.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines[-3:]
@@ -360,6 +383,8 @@ BAD_INPUTS = {
     "out under a file": ({"out": "{tmp}/notes.txt/a/scores.json"}, "notes.txt is a file, so no"),
     "prompts missing": ({"prompts": "{tmp}/missing.txt"}, "missing.txt: not found; pass a text"),
     "prompts a folder": ({"prompts": "{tmp}/empty"}, "empty: is a folder; pass a text file"),
+    "prompts empty": ({"prompts": "{tmp}/blank.txt"}, "blank.txt is empty; write one prompt"),
+    "prompts not UTF-8": ({"prompts": "{tmp}/latin1.txt"}, "latin1.txt is not UTF-8 text"),
     "num_inference_steps past the scheduler's": (
         {"num_inference_steps": 1001},
         "--num_inference_steps 1001: the model's scheduler has 1000 training timesteps",
@@ -368,24 +393,24 @@ BAD_INPUTS = {
     "reward_dtype unknown": ({"reward_dtype": "float8x"}, "--reward_dtype 'float8x': unknown"),
     "out a file that is no result": (
         {"out": "{tmp}/notes.txt"},
-        "notes.txt exists and is not an earlier `rewards.py evaluate` result",
+        "notes.txt exists and is not an earlier `bench/evaluate.py` result",
     ),
     "dtype unknown": ({"dtype": "float64x"}, "unknown dtype 'float64x'"),
 }
 
 
 def evaluate_until_loading(monkeypatch, tiny_sd, prompt_file, **kwargs):
-    """rewards.evaluate_command with loaders that fail the test if reached: a check that runs only
+    """bench/evaluate.py's evaluate_command with loaders that fail the test if reached: a check that runs only
     after loading (or not at all) cannot pass."""
 
     def loaded(*args, **options):
         raise AssertionError("a model or reward was loaded before the bad input was rejected")
 
     monkeypatch.setattr(rewards, "load_reward", loaded)
-    monkeypatch.setattr(rewards, "load_pipeline", loaded)
+    monkeypatch.setattr(bench_evaluate, "load_pipeline", loaded)
     settings = {"prompts": str(prompt_file), "reward": "jpeg_compressibility"}
     settings |= {"model": str(tiny_sd), "device": "cpu"}
-    return rewards.evaluate_command(**(settings | kwargs))
+    return bench_evaluate.evaluate_command(**(settings | kwargs))
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -410,7 +435,7 @@ def test_evaluate_out_in_a_folder_that_cannot_be_written(
 ):
     """(Tests run as root here, where every folder is writable: os.access stands in for the OS.)"""
     out = tmp_path / "new" / "scores.json"
-    monkeypatch.setattr(rewards.os, "access", lambda path, mode: Path(path) != tmp_path)
+    monkeypatch.setattr(bench_evaluate.os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(SystemExit):
         evaluate_until_loading(monkeypatch, tiny_sd, prompt_file, out=str(out))
     assert f"{tmp_path} is not writable" in capsys.readouterr().err
@@ -444,8 +469,9 @@ def test_evaluate_checks_let_good_input_through(tiny_sd, prompt_file, tmp_path, 
 
 
 def test_evaluate_finds_the_embedded_model_from_any_folder(tmp_path, prompt_file, monkeypatch):
-    """Outside the repository the default 'shapes_world/tiny-shapes' is the folder next to rewards.py
-    (not a hub id), so 'color' is the shapes world's exact judge, not BLIP from the network."""
+    """Outside the repository the default --model is still the repository's shapes_world/tiny-shapes
+    (not the hub id 'shapes_world/tiny-shapes'), so 'color' is the shapes world's exact judge, not
+    BLIP from the network."""
     monkeypatch.chdir(tmp_path)
     loaded = {}
 
@@ -455,5 +481,98 @@ def test_evaluate_finds_the_embedded_model_from_any_folder(tmp_path, prompt_file
 
     monkeypatch.setattr(rewards, "load_reward", stop)
     with pytest.raises(AssertionError, match="reached the loader"):
-        rewards.evaluate(str(prompt_file), "color", images_per_prompt=1, device="cpu")
+        bench_evaluate.evaluate(str(prompt_file), "color", images_per_prompt=1, device="cpu")
     assert loaded["reward"] == "shapes_color"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling: the model's policy unless given (issue 35: the tiny model sampled CompBench's 50 DDIM steps
+# at w = 7.5, eta 0, not the policy loop.py trains), and the command as a new user types it
+# ----------------------------------------------------------------------------------------------------
+CALIBRATED = {"num_inference_steps": 6, "guidance_scale": 5.0, "eta": 1.0}
+COMPBENCH = {"num_inference_steps": 50, "guidance_scale": 7.5, "eta": 0.0}
+
+
+def test_shapes_world_model_samples_its_calibrated_policy(
+    prompt_file, tmp_path, monkeypatch, capsys
+):
+    """Without sampling flags the embedded model samples 6 DDIM steps at w = 5, eta 1: its
+    shapes_world.json's calibration_rl, what loop.py trains."""
+    marker = loop_utils.EMBEDDED_MODEL / "shapes_world.json"
+    calibration = json.loads(marker.read_text())["calibration_rl"]
+    assert {name: calibration[name] for name in CALIBRATED} == CALIBRATED
+    loaded, drawn = [], []
+    monkeypatch.setattr(
+        rewards, "load_reward", lambda name, **kw: lambda im, p: torch.zeros(len(im))
+    )
+    monkeypatch.setattr(bench_evaluate, "load_pipeline", lambda model, *args: loaded.append(model))
+
+    def generate(pipe, prompt, seed, images_per_prompt, **sampling):
+        drawn.append(sampling)
+        return torch.zeros(images_per_prompt, 3, 8, 8)
+
+    monkeypatch.setattr(bench_evaluate, "generate", generate)
+    out = tmp_path / "scores.json"
+    bench_evaluate.evaluate(str(prompt_file), "color", images_per_prompt=1, device="cpu",
+                            out=str(out))  # fmt: skip
+    assert loaded == [str(loop_utils.EMBEDDED_MODEL)] and drawn == [CALIBRATED, CALIBRATED]
+    result = json.loads(out.read_text())
+    assert {name: result[name] for name in CALIBRATED} == CALIBRATED
+    said = (
+        "sampling: num_inference_steps 6, guidance_scale 5.0, eta 1.0 (the model's calibration_rl"
+    )
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith(said)]
+
+
+def test_sampling_policy_elsewhere_and_given(tiny_sd, tmp_path):
+    """Any other model: CompBench's 50 / 7.5 / 0; a flag given wins; the line says which is which."""
+    none = dict.fromkeys(CALIBRATED)
+    sampling, line = bench_evaluate.sampling_policy(str(tiny_sd), none)
+    assert sampling == COMPBENCH and line.endswith("(CompBench's)")
+    sampling, line = bench_evaluate.sampling_policy("org/a-pipeline", none | {"eta": 0.5})
+    assert sampling == COMPBENCH | {"eta": 0.5}
+    assert line == (
+        "sampling: num_inference_steps 50, guidance_scale 7.5, eta 0.5 "
+        "(eta given, the rest CompBench's)"
+    )
+    given = {"num_inference_steps": 3, "guidance_scale": 2.0, "eta": 0.0}
+    sampling, line = bench_evaluate.sampling_policy(str(loop_utils.EMBEDDED_MODEL), given)
+    assert sampling == given and line.endswith("(all given)")
+    sampling, line = bench_evaluate.sampling_policy(
+        str(loop_utils.EMBEDDED_MODEL), none | {"num_inference_steps": 10}
+    )
+    assert sampling == CALIBRATED | {"num_inference_steps": 10}
+    (tmp_path / "shapes_world.json").write_text(json.dumps({"world": "shapes"}))
+    sampling, line = bench_evaluate.sampling_policy(str(tmp_path), none)
+    assert sampling == COMPBENCH and "shapes_world.json has no calibration_rl" in line
+    (tmp_path / "shapes_world.json").write_text("[1")
+    with pytest.raises(ValueError, match="shapes_world.json: not a shapes-world JSON object"):
+        bench_evaluate.sampling_policy(str(tmp_path), none)
+
+
+def test_evaluate_the_embedded_model_as_a_new_user_types_it(tmp_path):
+    """The README's command on the embedded model, from another folder, no sampling flags: the
+    exact judge, the calibrated policy, the mean printed once with the seconds."""
+    prompts = REPO / "shapes_world" / "prompts" / "color_val.txt"
+    command = [sys.executable, str(REPO / "bench" / "evaluate.py"), str(prompts), "color"]
+    command += ["--images_per_prompt", "1", "--limit", "2", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    run = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == "shapes-world model: color resolves to shapes_color (the exact pixel judge)"
+    assert lines[1].startswith("sampling: num_inference_steps 6, guidance_scale 5.0, eta 1.0 (")
+    assert len(lines) == 3 and lines[2].startswith("shapes_color on 2 prompts x 1 images: mean ")
+    assert lines[2].endswith(" s)") and run.stdout.count("mean") == 1
+    assert files_under(tmp_path) == []
+
+
+def test_evaluate_help():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PAGER="cat")
+    run = subprocess.run([*EVALUATE, "--help"], check=False, cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = run.stdout + run.stderr  # fire writes help to stderr when that is no terminal
+    assert "evaluate.py PROMPTS REWARD <flags>" in text and "--images_per_prompt" in text
+    assert "--num_inference_steps" in text and "error:" not in text
