@@ -341,18 +341,17 @@ def read_prompts(path: Path, what: str) -> list[str]:
 
 def check_prompts(model: str, reward: str, prompts: dict[str, list[str]]) -> None:
     """Every prompt fits the text encoder (else the model sees only its start while the reward
-    scores all of it) and is one the reward can score (rewards.check_prompts)."""
+    scores all of it), and the reward has what it needs to score them (rewards.check_prompts)."""
     from transformers import AutoTokenizer
 
-    try:
+    tokenizer = None
+    with contextlib.suppress(OSError, ValueError):  # load_models says what is wrong with the model
         local = Path(model).is_dir()
         tokenizer = AutoTokenizer.from_pretrained(
             model, subfolder="tokenizer", local_files_only=local
         )
-    except (OSError, ValueError):
-        return  # load_models says what is wrong with the model
     for what, texts in prompts.items():
-        for text in dict.fromkeys(texts):
+        for text in dict.fromkeys(texts) if tokenizer else []:
             if (
                 count := len(tokenizer(text, verbose=False).input_ids)
             ) > tokenizer.model_max_length:
@@ -391,6 +390,10 @@ def reward_options(reward: str, given: str) -> dict:
     if not isinstance(options, dict) or unknown:
         raise UsageError(f"--reward_options {given}: need a JSON object of {reward}'s options "
                          f"({', '.join(valid)})" + (f", not {', '.join(unknown)}" if unknown else ""))  # fmt: skip
+    hints = typing.get_type_hints(rewards.LOADERS[reward], include_extras=True)
+    for name, value in options.items():  # each as the loader declares it (Annotated: its range)
+        if typing.get_origin(hints.get(name)) is typing.Annotated:
+            options[name] = checked(value, hints[name], f"--reward_options' {name}")
     return options
 
 
@@ -398,11 +401,16 @@ def load_rewards(run: Run):
     """r for training and for the held-out score, which on a GPU runs in the original scorers'
     precision (as bench/evaluate.py, so the two numbers compare) unless the options set dtype."""
     name, options = run.reward, run.reward_options
+    if on_ranks() is not None and run.rank > 0:
+        dist.barrier()  # rank 0 downloads what the reward needs first, alone
     try:
         train = rewards.load_reward(name, device=run.device, **options)
-        if run.device.type != "cuda" or "dtype" in options:
-            return train, train
-        return train, rewards.load_reward(name, device=run.device, dtype="original", **options)
+        held_out = train
+        if run.device.type == "cuda" and "dtype" not in options:
+            held_out = rewards.load_reward(name, device=run.device, dtype="original", **options)
+        if on_ranks() is not None and run.rank == 0:
+            dist.barrier()  # the others load from its cache
+        return train, held_out
     except (OSError, RuntimeError, ValueError) as error:
         raise UsageError(f"could not load reward {name}: {one_line(error)} (pass local copies with "
                          f"--reward_options; {name}'s options: {', '.join(rewards.reward_options_of(name))})") from None  # fmt: skip
@@ -562,7 +570,8 @@ def claimed(run: Run, cfg):
                 folder.mkdir(parents=True, exist_ok=True)
                 lock = open(folder / LOCK, "a+")  # noqa: SIM115 (held for the whole run)
             except OSError as error:
-                raise UsageError(f"{folder} is not writable ({error.strerror}); pass another --out")
+                fix = "make it writable" if cfg.resume else "pass another --out"
+                raise UsageError(f"{folder} is not writable ({error.strerror}); {fix}") from None
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

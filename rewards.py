@@ -99,6 +99,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -238,7 +239,7 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
 def load_jpeg(sign: float) -> Callable[..., RewardFn]:
     """Loader of r = sign * JPEG size; device and dtype are accepted for the common interface."""
 
-    def loader(device="cpu", quality: int = 95, dtype=None) -> RewardFn:
+    def loader(device="cpu", quality: Annotated[int, "[1, 100]"] = 95, dtype=None) -> RewardFn:
         def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
             check_inputs(images, prompts)
             # r = -size (compressibility) or +size (incompressibility)
@@ -960,8 +961,9 @@ def route_lists(reward: str, folder: str | Path) -> dict:
 
 
 def check_prompts(name: str, prompts: list[str]) -> None:
-    """ValueError naming the first prompt that reward `name` cannot score: the shapes world's
-    judges know only that world's words (every other reward scores any text)."""
+    """ValueError naming what reward `name` lacks to score these prompts, before any sampling: the
+    shapes world's judges know only that world's words; the BLIP, spatial and complex rewards need
+    spaCy's pipeline for any prompt outside that world's template (as T2I-CompBench parses them)."""
     if name.startswith("shapes_"):
         import shapes_world
 
@@ -975,3 +977,9 @@ def check_prompts(name: str, prompts: list[str]) -> None:
                     f"words: colors {', '.join(shapes_world.COLORS)}; shapes "
                     f"{', '.join(shapes_world.SHAPES)})"
                 ) from None
+    needs_spacy = name in ("color", "shape", "texture", "spatial", "complex")
+    if needs_spacy and any(shapes_world_phrases(p) is None for p in prompts):
+        try:
+            spacy_pipeline()
+        except RuntimeError as error:
+            raise ValueError(f"prompts: {error}") from None

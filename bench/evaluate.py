@@ -114,7 +114,12 @@ def load_pipeline(model: str, lora: str | None, device: str, dtype: torch.dtype)
         model, **loop_utils.dtype_option(dtype), **options
     )
     if lora:
-        pipe.load_lora_weights(lora)
+        try:
+            pipe.load_lora_weights(lora)
+        except (RuntimeError, ValueError, KeyError) as error:  # diffusers lists every layer
+            first = str(error).strip().splitlines()[0][:200]
+            raise ValueError(f"--lora {lora} does not fit --model {model} ({first}...); pass the "
+                             "lora/ of a loop.py run of this model") from None  # fmt: skip
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -526,3 +526,42 @@ def test_aesthetic_head_download_failing_offline_is_one_line(tmp_path, monkeypat
     message = str(error.value)
     assert "\n" not in message and "could not download the aesthetic head" in message
     assert "--reward_options" in message and "head" in message
+
+
+def test_a_reward_without_its_spacy_pipeline_stops_before_anything_loads(
+    tmp_path, tiny_model, monkeypatch, capsys
+):
+    """BLIP (color, shape, texture), spatial and complex need spaCy's pipeline for prompts outside
+    the shapes world's template: missing, the run stops at the input checks, one line naming the
+    install command, before any model loads or any file is written (it used to crash after the
+    first rollout). Shapes-world prompts need no spaCy."""
+    monkeypatch.setitem(sys.modules, "spacy", None)  # `import spacy` fails, as where it is missing
+    monkeypatch.setattr(rewards, "SPACY", {})
+
+    def too_far(*args, **kwargs):
+        raise AssertionError("got past the input checks")
+
+    monkeypatch.setattr(loop, "load_models", too_far)
+    monkeypatch.setattr(loop_utils, "load_rewards", too_far)
+    compbench = write_prompts(tmp_path / "compbench.txt", ["a red car"])
+    for reward in ("color", "spatial", "complex"):
+        with pytest.raises(SystemExit) as exit_info:
+            loop.cli(model=str(tiny_model), reward=reward, train_prompts=str(compbench),
+                     out=str(tmp_path / "run"))  # fmt: skip
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1, lines
+        assert "spaCy" in lines[0] and rewards.SPACY_INSTALL in lines[0], lines
+        assert not (tmp_path / "run").exists()
+    shapes = write_prompts(tmp_path / "shapes.txt", ["a red circle and a blue square"])
+    rewards.check_prompts("color", rewards.read_prompt_file(shapes))  # no spaCy needed
+
+
+def test_a_first_ratio_far_from_one_stops_the_run():
+    """The clip range eps acts on |log rho_t|: if re-scoring a fresh rollout already gives more
+    than eps / 10 (other kernels with grad than without, e.g. bf16 attention on a GPU), the clip
+    would act on noise, so the run stops naming the fix. On the CPU the value is exactly 0
+    (test_first_ratio_check_at_start_up)."""
+    loop_utils.check_ratio_noise(0.0, 1e-4)
+    loop_utils.check_ratio_noise(1e-5, 1e-4)  # a tenth of eps: still allowed
+    with pytest.raises(loop_utils.UsageError, match="--mixed_precision no"):
+        loop_utils.check_ratio_noise(1.1e-5, 1e-4)
