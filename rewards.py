@@ -857,7 +857,7 @@ def load_aesthetic(
     return reward
 
 
-# === The shapes world's exact judges (shapes_world.py), imported at load time
+# === The shapes world's exact judges (shapes_world/), imported at load time
 def load_shapes(category: str) -> Callable[..., RewardFn]:
     def loader(device: str | torch.device = "cpu", dtype=None) -> RewardFn:
         # exact pixel judges on the CPU: device and dtype are accepted for the common interface

@@ -9,7 +9,7 @@ that loop.py loads with the very code it uses for `stabilityai/stable-diffusion-
         --finetune_decoder runs/tiny-train/step_000500                           # stage 2b, ~8 min
     python shapes_world/train.py --out runs/tiny-train --ship step_NNNNNN   # copy + calibrate
 
-Stages (all from a fixed seed, on procedurally rendered (prompt, image) pairs of shapes_world.py):
+Stages (all from a fixed seed, on procedurally rendered (prompt, image) pairs of shapes_world/__init__.py):
 1. the tokenizer: a CLIP BPE vocabulary in which every word of the world is one token;
 2. the VAE (64x64x3 pixels <-> 16x16x4 latents, or 8x8x4 with --latent_factor 8 as the shipped
    model), trained on reconstruction + a tiny KL term, then its
