@@ -814,7 +814,7 @@ def finish(run: Run, size: int) -> None:
     grids = [samples / f"eval_epoch_{r['epoch']:04d}.png" for r in (first, last)]
     if all(grid.is_file() for grid in grids):
         s, left = 2 * size, 72  # each image drawn 2x; a label column on the left
-        out = Image.new("RGB", (left + 8 * s, 2 * s + 36), "white")
+        out = Image.new("RGB", (left + 8 * s, 2 * s + 46), "white")
         draw, texts = (
             ImageDraw.Draw(out),
             [g.with_suffix(".txt").read_text().splitlines() for g in grids],
