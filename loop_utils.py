@@ -145,11 +145,12 @@ def checked(value, hint, where: str):
     if isinstance(meta, str):
         left, low, high, right = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", meta).groups()
         low, high = (int(b) if b.isdigit() else float(b) for b in (low, high))
-        with np.errstate(over="ignore"):
-            overflow = kind is float and np.isinf(np.float32(value)) and not math.isinf(value)
+        with np.errstate(over="ignore", under="ignore"):  # as the float32 it becomes:
+            single = float(np.float32(value)) if kind is float else value
+        lost = (math.isinf(single) and not math.isinf(value)) or (single == 0 and value != 0)
         above = value > low if left == "(" else value >= low
-        if overflow or not (above and (value < high if right == ")" else value <= high)):
-            why = " (it overflows float32, the dtype it becomes)" if overflow else ""
+        if lost or not (above and (value < high if right == ")" else value <= high)):
+            why = f" (as a float32, the dtype it becomes, it is {single})" if lost else ""
             raise UsageError(f"{where} {value}: must be in {meta}{why}")
     return value
 
@@ -170,9 +171,8 @@ def config_from_flags(flags: dict, config_class):
         raise UsageError(f"--resume {run}: config.json has {stale}, unknown here; delete them")
     if missing := sorted(set(hints) - set(values)):
         raise UsageError(f"--resume {run}: config.json lacks {missing}; restore them")
-    saved = config_class(
-        **{n: checked(v, hints[n], f"config.json's {n}") for n, v in values.items()}
-    )
+    where = f"{run / 'config.json'}'s"  # (fix it there)
+    saved = config_class(**{n: checked(v, hints[n], f"{where} {n}") for n, v in values.items()})
     if changed := [
         f"--{n}" for n, v in given.items() if n not in RESUMABLE and v != getattr(saved, n)
     ]:
@@ -180,6 +180,7 @@ def config_from_flags(flags: dict, config_class):
             f"--resume {run}: {', '.join(changed)} would make another experiment than its config."
             f"json says; a resume may change only {', '.join('--' + n for n in RESUMABLE[1:])}"
         )
+    read_state(run), read_metrics(run)  # the rest of the folder, before anything loads
     resumed = dataclasses.replace(saved, **given)
     if (done := checkpoint_epoch(run)) is not None and done >= resumed.epochs:
         raise UsageError(f"--resume {run}: the run has trained {done} epochs, --epochs is "
@@ -561,7 +562,8 @@ def claimed(run: Run, cfg):
     """The run folder for this process alone (flock), checked writable before any model loads.
     A fresh run that ends before its first checkpoint leaves nothing; a write fault, Ctrl-C or
     SIGTERM ends in one line that says what was kept and the command that continues."""
-    folder, lock, handler = run.folder, None, signal.getsignal(signal.SIGTERM)
+    folder, lock, signals = run.folder, None, (signal.SIGINT, signal.SIGTERM)
+    handlers = [signal.getsignal(sig) for sig in signals]
     existed = {name for name in RUN_FILES if (folder / name).exists()}
     created = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
     try:
@@ -591,8 +593,9 @@ def claimed(run: Run, cfg):
     except NonFinite as error:
         raise UsageError(advice(run, cfg, error)) from None
     except (KeyboardInterrupt, WriteFault) as error:
-        with contextlib.suppress(ValueError):  # a second Ctrl-C does not cut the message short
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with contextlib.suppress(ValueError):  # a second signal does not cut the message short
+            for sig in signals:
+                signal.signal(sig, signal.SIG_IGN)
         what, kind = (
             ("interrupted", Interrupted)
             if isinstance(error, KeyboardInterrupt)
@@ -608,8 +611,8 @@ def claimed(run: Run, cfg):
                 with contextlib.suppress(OSError):
                     made.rmdir()  # only if empty
         with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, handler)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for sig, handler in zip(signals, handlers):
+                signal.signal(sig, handler)
         if lock:
             lock.close()
 
@@ -672,25 +675,31 @@ def checkpoint_epoch(folder: Path) -> int | None:
     return None
 
 
-def load_checkpoint(run: Run, unet, optimizer, ema: list, scaler) -> int:
-    """Restore what save_epoch wrote, each part checked against this run; the next epoch.
-    metrics.jsonl keeps the rows the checkpoint covers (a kill between row and checkpoint)."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
-    path = run.folder / "checkpoint" / "state.pt"
+def read_state(folder: Path) -> dict:
+    """checkpoint/state.pt, with every part save_epoch writes, of as many ranks as this run has."""
+    path = folder / "checkpoint" / "state.pt"
     try:
         state = torch.load(path, weights_only=False, map_location="cpu")
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
         raise UsageError(f"--resume: {path} is unreadable ({one_line(error)})") from None
     keys = ("lora", "optimizer", "ema", "next_epoch", "rng")
-    if not isinstance(state, dict) or (missing := [k for k in keys if k not in state]):
+    if missing := [k for k in keys if not isinstance(state, dict) or k not in state]:
         raise UsageError(f"--resume: {path} is not a loop.py checkpoint (no {missing}); start anew")
+    if (world := state.get("world", 1)) != (here := int(os.environ.get("WORLD_SIZE", "1"))):
+        raise UsageError(f"--resume: the run was trained on {world} rank(s); resume it on as many "
+                         f"(on {here} it would not continue exactly)")  # fmt: skip
+    return state
+
+
+def load_checkpoint(run: Run, unet, optimizer, ema: list, scaler) -> int:
+    """Restore what save_epoch wrote, each part checked against this run; the next epoch.
+    metrics.jsonl keeps the rows the checkpoint covers (a kill between row and checkpoint)."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state, path = read_state(run.folder), run.folder / "checkpoint" / "state.pt"
     shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(unet).items()}
     if {k: tuple(v.shape) for k, v in state["lora"].items()} != shapes:
         raise UsageError(f"--resume: {path}'s LoRA (rank, modules) does not fit config.json's")
-    if (world := state.get("world", 1)) != run.world:  # each rank's noise and prompts depend on it
-        raise UsageError(f"--resume: the run was trained on {world} rank(s); resume it on as many "
-                         f"(on {run.world} it would not continue exactly)")  # fmt: skip
     set_peft_model_state_dict(unet, state["lora"])
     optimizer.load_state_dict(state["optimizer"])
     if scaler.is_enabled() and state.get("scaler"):

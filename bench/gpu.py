@@ -2,8 +2,8 @@
 
 Builds the SD 2 base UNet, VAE and text encoder from their public configs (written out below, from
 stabilityai/stable-diffusion-2-base's */config.json), with random weights, saves them as a diffusers
-folder, and measures, at 512 px, K = 4, with the GPU quickstart's settings (SD2_FLAGS, from loop.py's
-docstring; a test keeps them in step):
+folder, and measures, at 512 px, K = 4, with the GPU quickstart's settings (SD2_FLAGS, from the README's
+GPU command; a test keeps them in step):
 1. a short real run: loop.main for --epochs epochs (jpeg_compressibility reward, held-out score of
    --images / K prompts before and after): seconds per epoch (the last, without its held-out score;
    also scaled to the quickstart's 256 images) and peak GPU memory (torch.cuda.max_memory_allocated);
@@ -95,7 +95,7 @@ SD2_SCHEDULER = {
 }
 # Public parameter counts of those modules (a test builds them on the meta device and compares)
 SD2_PARAMETERS = {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840}
-# The GPU quickstart of loop.py's docstring (the paper's settings), except the images per epoch
+# The README's GPU command (the paper's settings), except the images per epoch
 SD2_FLAGS = {
     "num_steps": 50,
     "guidance_scale": 7.5,
@@ -272,8 +272,11 @@ def write_results(report: dict, results: Path) -> None:
 
 
 def quickstart_flags() -> dict:
-    """The --flag value pairs of loop.py's GPU quickstart (its docstring), as numbers where numeric."""
-    quickstart = (loop.__doc__ or "").split("Quickstart:")[-1].split("Deviations")[0]
+    """The --flag value pairs of the README's GPU command (its "Stable Diffusion on GPUs" block),
+    as numbers where numeric."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- gpu -->")[-1].split("<!-- /gpu -->")[0]
+    quickstart = block.split("```bash")[1].split("```")[0]  # its command, not the prose
     flags = {}
     for name, value in re.findall(r"--(\w+) (\S+)", quickstart):
         try:

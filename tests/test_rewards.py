@@ -842,7 +842,7 @@ def test_load_prompts(tmp_path):
         "a green bench and a red car",
         "a blue bowl and a red cup",
     ]
-    with pytest.raises(ValueError, match="holds no prompts"):
+    with pytest.raises(ValueError, match="is empty; write one prompt per line"):
         rewards.load_prompts(tmp_path, "color", "val")
     with pytest.raises(FileNotFoundError, match="shape_train.txt not found.*T2I-CompBench"):
         rewards.load_prompts(tmp_path, "shape", "train")
