@@ -47,6 +47,21 @@ def cli_main(function: Callable, **flags) -> None:
         sys.exit(2)
 
 
+def commands_main(commands: dict[str, Callable], doc: str | None) -> None:
+    """`python bench/<script>.py COMMAND [--flag value ...]`: the script's docstring for --help
+    (or no command), one line and exit 2 for an unknown command, else cli_main through fire."""
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") or "--help" in sys.argv:
+        print(doc)
+        sys.exit(0)
+    import fire
+
+    if sys.argv[1] not in commands:
+        print(f"error: unknown command {sys.argv[1]!r}; choose one of {', '.join(commands)}")
+        sys.exit(2)
+    command = commands[sys.argv.pop(1)]
+    fire.Fire(lambda **flags: cli_main(command, **flags))
+
+
 def _child(function: Callable, args: tuple, log: Path | None, threads: int, result: Path) -> None:
     """Body of a forked child: its own log, its own thread count, the result pickled to a file."""
     code = 1

@@ -663,15 +663,6 @@ def extend(jobs: int = 1, threads: int = 1, results: str = "runs/compare/results
 COMMANDS = {"tune": tune, "evaluate": evaluate, "extend": extend, "report": report}
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") or "--help" in sys.argv:
-        print(__doc__)
-        sys.exit(0)
-    import fire
+    from bench.common import commands_main
 
-    from bench.common import cli_main
-
-    if sys.argv[1] not in COMMANDS:
-        print(f"error: unknown command {sys.argv[1]!r}; choose one of {', '.join(COMMANDS)}")
-        sys.exit(2)
-    command = COMMANDS[sys.argv.pop(1)]
-    fire.Fire(lambda **flags: cli_main(command, **flags))
+    commands_main(COMMANDS, __doc__)
