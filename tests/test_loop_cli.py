@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -101,6 +102,25 @@ BAD_INPUTS = {
     ),
     "resume of a truncated checkpoint": (["--resume", "{tmp}/truncated"], "truncated"),
     "resume of a broken config.json": (["--resume", "{tmp}/broken"], "config.json is not JSON"),
+    "resume of a config.json that is a list": (["--resume", "{tmp}/listed"], "no object of fields"),
+    "resume of an empty path": (["--resume", ""], "an empty path"),
+    "out holds an earlier run's files": (["--out", "{tmp}/earlier"], "holds an earlier run's"),
+    "lr overflowing float32": (["--lr", "1e39"], "as a float32, the dtype it becomes, it is inf"),
+    "clip range underflowing float32": (["--clip_range", "1e-50"], "it is 0.0"),
+    "seed beyond torch's range": (["--seed", "1e30"], "must be in [0, 9223372036854775807]"),
+    "reward option outside its range": (
+        ["--reward_options", '{"quality": 1000}'],
+        "--reward_options' quality 1000: must be in [1, 100]",
+    ),
+    "reward option of the wrong type": (
+        ["--reward_options", '{"quality": "high"}'],
+        "expected int",
+    ),
+    "model missing a part": (
+        ["--model", "{tmp}/novae"],
+        "model_index.json names ['vae'], not there",
+    ),
+    "scheduler config not JSON": (["--model", "{tmp}/badsched"], "is not a scheduler config"),
 }
 NEEDS_THE_MODEL = {"no step left to train"}  # the scheduler's sigmas decide it
 SUBPROCESS_CASES = ["unknown algo", "negative lr", "prompt file not UTF-8", "resume changing K"]
@@ -116,6 +136,14 @@ def setup_bad_inputs(tmp_path: Path, tiny_model: Path, prompt_file: Path) -> Non
         (tmp_path / name / "checkpoint").mkdir(parents=True)
         (tmp_path / name / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
         torch.save({"next_epoch": 1}, tmp_path / name / "checkpoint" / "state.pt")
+    (tmp_path / "listed").mkdir()
+    shutil.copytree(tmp_path / "done" / "checkpoint", tmp_path / "listed" / "checkpoint")
+    (tmp_path / "listed" / "config.json").write_text("[]")
+    write_prompts(tmp_path / "earlier" / "metrics.jsonl", ['{"epoch": 0}'])  # no checkpoint/
+    for name in ("novae", "badsched"):
+        shutil.copytree(tiny_model, tmp_path / name)
+    shutil.rmtree(tmp_path / "novae" / "vae")
+    (tmp_path / "badsched" / "scheduler" / "scheduler_config.json").write_text('{"num_train')
     state = tmp_path / "truncated" / "checkpoint" / "state.pt"
     state.write_bytes(state.read_bytes()[:-100])  # a write cut short
     (tmp_path / "broken" / "config.json").write_text('{"algo": "loop",')

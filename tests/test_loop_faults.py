@@ -8,6 +8,8 @@ import errno
 import fcntl
 import json
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,3 +224,108 @@ def test_sigterm_mid_run_through_the_real_command(tmp_path, tiny_model):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert epochs_logged(tmp_path / "run")[-1] == done + 1
+
+
+def test_the_advice_is_a_shell_command_that_works_for_any_folder_name(
+    tmp_path, tiny_model, capsys, monkeypatch
+):
+    """A folder name with a space: the advice quotes it, and the pasted command continues the run."""
+    calls, real_train = {"n": 0}, loop.train_on_rollout
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_on_rollout", interrupted_in_epoch_2)
+    code, err = cli(capsys, **flags(tmp_path, tiny_model, "my run"))
+    assert code == 130 and len(err) == 1, err
+    command = shlex.split(err[0].split("continue with: ")[1])
+    assert command[:3] == ["python", "loop.py", "--resume"] and command[3] == str(
+        tmp_path / "my run"
+    )
+    monkeypatch.undo()
+    assert cli(capsys, resume=command[3])[0] == 0
+    assert epochs_logged(tmp_path / "my run") == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        ("metrics.jsonl: an epoch as text", "rows need increasing integer epochs"),
+        ("metrics.jsonl: a folder", "metrics.jsonl is unreadable"),
+        ("config.json: lr null", "config.json's lr None: expected float"),
+        ("config.json: a field deleted", "config.json lacks ['seed']"),
+        ("config.json: lora_rank edited", "LoRA does not fit config.json's lora_rank 4"),
+        ("state.pt: without its EMA", "is not a loop.py checkpoint (no ['ema'])"),
+        ("state.pt: trained on 2 ranks", "trained on 2 rank(s); resume it on as many"),
+    ],
+)
+def test_a_hand_edited_run_folder_is_read_whole_before_anything_loads(
+    edit, says, tmp_path, tiny_model, capsys, monkeypatch, finished_run
+):
+    """--resume reads config.json (every field, checked as its flag), state.pt (its parts, rank count
+    and LoRA shape) and metrics.jsonl (integer epochs in order) before any model loads: one line
+    naming the file and the fix, exit 2, nothing written."""
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    config, state = json.loads((run / "config.json").read_text()), run / "checkpoint" / "state.pt"
+    if edit == "metrics.jsonl: an epoch as text":
+        rows = (run / "metrics.jsonl").read_text().replace('"epoch": 1,', '"epoch": "1",')
+        (run / "metrics.jsonl").write_text(rows)
+    elif edit == "metrics.jsonl: a folder":
+        (run / "metrics.jsonl").unlink()
+        (run / "metrics.jsonl").mkdir()
+    elif edit.startswith("config.json"):
+        if "null" in edit:
+            config["lr"] = None
+        elif "deleted" in edit:
+            del config["seed"]
+        else:
+            config["lora_rank"] = 4
+        (run / "config.json").write_text(json.dumps(config))
+    else:
+        saved = torch.load(state, weights_only=False)
+        if "EMA" in edit:
+            del saved["ema"]
+        else:
+            saved["world"] = 2
+        torch.save(saved, state)
+    monkeypatch.setattr(loop, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    code, err = cli(capsys, resume=str(run), epochs=4)
+    assert code == 2 and len(err) == 1 and says in err[0], err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model):
+    """A finished 3-epoch tiny run, copied by each test that edits it."""
+    folder = tmp_path_factory.mktemp("finished")
+    loop.cli(**flags(folder, tiny_model, "run"))
+    return folder / "run"
+
+
+def test_metrics_rows_are_strict_json_and_a_non_finite_statistic_is_named(
+    tmp_path, tiny_model, capsys, monkeypatch
+):
+    """A statistic that overflows (approx_kl of a ratio near 0) is logged as null with a warning
+    naming it, never as the non-JSON token Infinity that other readers reject."""
+    real_train = loop.train_on_rollout
+
+    def overflowing(*args, **kwargs):
+        return real_train(*args, **kwargs) | {"approx_kl": float("inf")}
+
+    monkeypatch.setattr(loop, "train_on_rollout", overflowing)
+    code, err = cli(capsys, **flags(tmp_path, tiny_model, "run", epochs=1))
+    assert code == 0 and "warning: epoch 1: approx_kl is inf; logged as null" in err, err
+
+    def refuse(token):
+        raise ValueError(f"non-JSON token {token}")
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert rows[1]["approx_kl"] is None

@@ -874,3 +874,13 @@ def test_blip_size_check_script_runs(blip_dir, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "3 images; CompBench's mean 0.3000" in run.stdout
     assert "32 px: mean" in run.stdout and "48 px: mean" in run.stdout
+
+
+def test_prompt_files_are_read_as_utf8_with_or_without_a_byte_order_mark(tmp_path):
+    """Editors on Windows save UTF-8 with a byte-order mark: it is no part of the first prompt."""
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffa red circle and a blue square\r\na café table\r\n".encode())
+    assert rewards.read_prompt_file(path) == ["a red circle and a blue square", "a café table"]
+    path.write_bytes("a caf\xe9 table\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        rewards.read_prompt_file(path)
