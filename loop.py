@@ -116,6 +116,8 @@ class Config:
     """beta, KL penalty to the base model (LoRA adapter switched off; 0 = the paper)"""
     max_grad_norm: Annotated[float, "(0, inf]"] = 1.0
     """gradient-norm clip (inf: none)"""
+    gradient_checkpointing: bool = False
+    """recompute the UNet's activations in backward: less memory, the same update, more time"""
     eval_every: Annotated[int, "[1, inf)"] = 24
     """score the held-out prompts every this many epochs (and first and last)"""
     eval_raw: bool = False
@@ -433,9 +435,8 @@ class Models:
     resolution: int  # H = W = unet sample_size * VAE scale factor
 
 
-def load_models(
-    model: str, device, weight_dtype, lora_rank: int, seed: int, lora_modules=Config.lora_modules
-) -> Models:
+def load_models(model: str, device, weight_dtype, lora_rank: int, seed: int,
+                lora_modules=Config.lora_modules, gradient_checkpointing=False) -> Models:  # fmt: skip
     """Load a Stable Diffusion folder or hub id, freeze it, add fp32 LoRA to the attention."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from peft import LoraConfig
@@ -469,6 +470,8 @@ def load_models(
         pipe.unet.add_adapter(lora)
     except ValueError as error:  # peft: none of the target modules exists in this UNet
         raise loop_utils.UsageError(f"--lora_modules {lora_modules}: {error}") from None
+    if gradient_checkpointing:  # activations recomputed in backward instead of kept
+        pipe.unet.enable_gradient_checkpointing()
     for p in lora_parameters(pipe.unet):  # LoRA and its optimizer state in fp32
         p.data = p.data.float()
     uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""]).float()  # (1, L, D)
@@ -699,7 +702,7 @@ def train(cfg: Config, run: loop_utils.Run) -> None:
     # Load: the reward first (a missing download fails fast), the frozen pipeline, fp32 LoRA, pi_theta
     reward_fn, eval_reward_fn = loop_utils.load_rewards(run)
     models = load_models(run.model, run.device, run.weight_dtype, cfg.lora_rank, cfg.seed,
-                         cfg.lora_modules)  # fmt: skip
+                         cfg.lora_modules, cfg.gradient_checkpointing)  # fmt: skip
     policy = make_policy(models, cfg.num_steps, cfg.eta, cfg.guidance_scale)
     steps = trained_steps(policy.schedule, cfg.min_train_sigma)
     loop_utils.check_steps(steps, policy.schedule.sigma_t, MIN_SIGMA, cfg)
