@@ -126,6 +126,13 @@ NEEDS_THE_MODEL = {"no step left to train"}  # the scheduler's sigmas decide it
 SUBPROCESS_CASES = ["unknown algo", "negative lr", "prompt file not UTF-8", "resume changing K"]
 
 
+def checkpoint_of(config: loop.Config, next_epoch: int) -> dict:
+    """A checkpoint/state.pt with every part save_epoch writes, its LoRA of config's rank (one
+    layer): what the run-folder reader needs to get to the checks these tests are about."""
+    lora = {"x.to_q.lora_A.weight": torch.zeros(config.lora_rank, 4)}
+    return {"lora": lora, "optimizer": {}, "ema": [], "rng": {}, "next_epoch": next_epoch}
+
+
 def setup_bad_inputs(tmp_path: Path, tiny_model: Path, prompt_file: Path) -> None:
     """The files BAD_INPUTS names, and run folders: done (K = 4), truncated, broken."""
     (tmp_path / "empty.txt").write_text("\n \n")
@@ -135,7 +142,7 @@ def setup_bad_inputs(tmp_path: Path, tiny_model: Path, prompt_file: Path) -> Non
     for name in ("done", "truncated", "broken"):
         (tmp_path / name / "checkpoint").mkdir(parents=True)
         (tmp_path / name / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
-        torch.save({"next_epoch": 1}, tmp_path / name / "checkpoint" / "state.pt")
+        torch.save(checkpoint_of(config, next_epoch=1), tmp_path / name / "checkpoint" / "state.pt")
     (tmp_path / "listed").mkdir()
     shutil.copytree(tmp_path / "done" / "checkpoint", tmp_path / "listed" / "checkpoint")
     (tmp_path / "listed" / "config.json").write_text("[]")
@@ -446,15 +453,15 @@ def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, ca
     model.mkdir(parents=True)
     (model / "model_index.json").write_text("{}")
     (model / "shapes_world.json").write_text("{}")
-    write_prompts(tmp_path / "shapes_world" / "prompts" / "color_train.txt", ["a red cube"])
-    write_prompts(tmp_path / "shapes_world" / "prompts" / "color_val.txt", ["a blue ball"])
+    write_prompts(tmp_path / "shapes_world" / "prompts" / "color_train.txt", ["a red circle"])
+    write_prompts(tmp_path / "shapes_world" / "prompts" / "color_val.txt", ["a blue square"])
     monkeypatch.setattr(loop_utils, "HERE", tmp_path)
     monkeypatch.chdir(tmp_path.parent)  # the default --model is relative to loop.py's folder
     path = loop_utils.resolve_model_path("shapes_world/tiny-shapes")
     assert Path(path) == model
     cfg = loop.Config(reward="color", eval_images_per_prompt=1)
     reward, train, held_out = loop_utils.reward_and_prompts(cfg, path)
-    assert (reward, train, held_out) == ("shapes_color", ["a red cube"], ["a blue ball"])
+    assert (reward, train, held_out) == ("shapes_color", ["a red circle"], ["a blue square"])
     assert "resolves to shapes_color" in capsys.readouterr().out
     # a plain model keeps T2I-CompBench's reward and reads <category>_train/_val.txt from --prompt_dir
     plain = tmp_path / "plain"
@@ -500,7 +507,7 @@ def test_resume_names_config_fields_another_version_wrote(tmp_path):
     version) is a clear UsageError naming the field, not a TypeError from Config."""
     run = tmp_path / "run"
     (run / "checkpoint").mkdir(parents=True)
-    torch.save({}, run / "checkpoint" / "state.pt")  # (an empty file is a truncated one)
+    torch.save(checkpoint_of(loop.Config(), next_epoch=1), run / "checkpoint" / "state.pt")
     fields = dataclasses.asdict(loop.Config()) | {"lr_half_life": 0.0}
     (run / "config.json").write_text(json.dumps(fields))
     with pytest.raises(loop_utils.UsageError, match="lr_half_life"):
