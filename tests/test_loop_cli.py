@@ -466,13 +466,14 @@ def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, ca
     # a plain model keeps T2I-CompBench's reward and reads <category>_train/_val.txt from --prompt_dir
     plain = tmp_path / "plain"
     plain.mkdir()
-    write_prompts(tmp_path / "compbench" / "color_train.txt", ["a red bench"])
-    write_prompts(tmp_path / "compbench" / "color_val.txt", ["a green car"])
+    # (prompts of the world's template: BLIP's noun phrases need no spaCy for them)
+    write_prompts(tmp_path / "compbench" / "color_train.txt", ["a red circle"])
+    write_prompts(tmp_path / "compbench" / "color_val.txt", ["a green square"])
     cfg = loop.Config(reward="color", prompt_dir=str(tmp_path / "compbench"))
     assert loop_utils.reward_and_prompts(cfg, str(plain)) == (
         "color",
-        ["a red bench"],
-        ["a green car"] * cfg.eval_images_per_prompt,  # each held-out prompt, several noises
+        ["a red circle"],
+        ["a green square"] * cfg.eval_images_per_prompt,  # each held-out prompt, several noises
     )
     with pytest.raises(loop_utils.UsageError, match="--train_prompts"):
         loop_utils.reward_and_prompts(loop.Config(reward="color"), str(plain))
