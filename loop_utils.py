@@ -180,9 +180,9 @@ def config_from_flags(flags: dict, config_class):
             f"--resume {run}: {', '.join(changed)} would make another experiment than its config."
             f"json says; a resume may change only {', '.join('--' + n for n in RESUMABLE[1:])}"
         )
-    lora, modules = read_state(run)["lora"], saved.lora_modules.split(",")
+    state, modules = read_state(run), saved.lora_modules.split(",")
     read_metrics(run)  # the rest of the folder, before anything loads
-    down = [(key, v.shape[0]) for key, v in lora.items() if ".lora_A" in key]  # (r, in) each
+    down = [(key, v.shape[0]) for key, v in state["lora"].items() if ".lora_A" in key]  # (r, in)
     fits = [
         any(f".{m}.lora_A" in key or key.startswith(f"{m}.lora_A") for m in modules)
         for key, _ in down
@@ -191,7 +191,7 @@ def config_from_flags(flags: dict, config_class):
         raise UsageError(f"--resume {run}: checkpoint/state.pt's LoRA does not fit config.json's "
                          f"lora_rank {saved.lora_rank} and lora_modules {saved.lora_modules}")  # fmt: skip
     resumed = dataclasses.replace(saved, **given)
-    if (done := checkpoint_epoch(run)) is not None and done >= resumed.epochs:
+    if (done := state["next_epoch"]) >= resumed.epochs:  # (the state read above, not again)
         raise UsageError(f"--resume {run}: the run has trained {done} epochs, --epochs is "
                          f"{resumed.epochs}: nothing to train; pass --epochs above {done} to go on")  # fmt: skip
     return resumed
