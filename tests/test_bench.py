@@ -448,3 +448,109 @@ def test_prompts_help_and_a_bad_commit_write_nothing(tmp_path):
                          timeout=120)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --commit")
     assert "Traceback" not in bad.stderr and not any(tmp_path.iterdir())
+
+
+def test_clip_tiny_runs_then_reports_its_rows_copied_over_seeds(tmp_path):
+    """bench/clip.py at tiny size: the check run and seed 0 of the four new cells, each row with its
+    flags and one number a pass per clip statistic. With no comparison rows nothing is complete (an
+    error); with the tiny rows copied over seeds 0-19 at known scores (as the other report tests'
+    synthetic CSVs) the report finds R supported (+0.05: reuse pays), R' contradicted (overfit),
+    C1 not resolved, C4 left out (9 seeds), and the check run bit-identical to its recorded row."""
+    pytest.importorskip("rliable")
+    from bench import clip
+
+    results = tmp_path / "results"
+    clip.run(jobs=2, threads=1, results=str(results), runs=str(tmp_path), tiny=True)
+    rows = compare.read_csv(results / "clip_runs.csv")
+    assert sorted((r["stage"], r["config"]) for r in rows) == sorted(
+        [("check", "loop-k4"), *(("evaluate", c) for c in clip.NEW)]
+    )
+    for r in rows:
+        passes, clip_range = clip.NEW.get(r["config"], (1, 1e-4))
+        assert (int(r["passes"]), float(r["clip_range"])) == (passes, clip_range)
+        assert float(r["lr"]) == clip.PASSES_LR[passes] and r["seed"] == "0"
+        assert ("--inner_epochs 4" in r["command"]) == (passes == 4)
+        assert ("--clip_range" in r["command"]) == (clip_range != 1e-4)
+        for name in clip.PASS_KEYS:
+            values = [float(v) for v in r[f"{name}_by_pass"].split()]
+            assert len(values) == passes and all(v >= 0 for v in values), (name, r)
+    (results / "compare_runs.csv").write_text(",".join(compare.RUN_FIELDS) + "\n")
+    with pytest.raises(common.BenchError, match="no complete cell"):
+        clip.report(str(results))
+
+    levels = {"loop-k4": 0.50, "rloo-k4": 0.50, "loop-k4-p1-c1e-2": 0.50,
+              "loop-k4-p4-c1e-4": 0.45, "loop-k4-p4-c1e-3": 0.55, "loop-k4-p4-c1e-2": 0.50}  # fmt: skip
+    noise = np.random.default_rng(0).normal(0, 0.02, 20)  # per seed, the same in every cell
+    tiny = {r["config"]: r for r in rows}  # the check row stands for loop-k4 and rloo-k4
+    check = tiny["loop-k4"] | {"reward": "color", "final_heldout": 0.50 + noise[0]}
+    new, old, curves = [check], [], {"new": [], "old": []}
+    for config, level in levels.items():
+        side = "old" if config in clip.REUSED else "new"
+        for seed in range(9 if config == "loop-k4-p4-c1e-2" else 20):
+            final = level + noise[seed] - (0.2 if config == "loop-k4-p4-c1e-4" and seed < 2 else 0)
+            row = tiny[config if side == "new" else "loop-k4"] | {
+                "stage": "evaluate", "config": config, "seed": seed, "reward": "color",
+                "untrained_heldout": 0.37, "final_heldout": final,
+                "images_to_threshold": 640 if final > 0.47 else ""}  # fmt: skip
+            (new if side == "new" else old).append(row)
+            curves[side] += [{"stage": "evaluate", "config": config, "lr": row["lr"], "seed": seed,
+                              "reward": "color", "epoch": e, "images_seen": 64 * e,
+                              "heldout": 0.37 + (final - 0.37) * e / 48}
+                             for e in range(0, 49, 4)]  # fmt: skip
+    only = lambda rows, fields: [{f: r.get(f, "") for f in fields} for r in rows]
+    (results / "clip_runs.csv").unlink()
+    (results / "compare_runs.csv").unlink()
+    compare.append_csv(results / "clip_runs.csv", clip.RUN_FIELDS, new)
+    compare.append_csv(results / "clip_curves.csv", compare.CURVE_FIELDS,
+                       only(curves["new"], compare.CURVE_FIELDS))  # fmt: skip
+    compare.append_csv(results / "compare_runs.csv", compare.RUN_FIELDS,
+                       only(old, compare.RUN_FIELDS))  # fmt: skip
+    compare.append_csv(results / "compare_curves.csv", compare.CURVE_FIELDS,
+                       only(curves["old"], compare.CURVE_FIELDS))  # fmt: skip
+    text = clip.report(str(results)).read_text()
+    claim = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 20 / 20 | " in claim["R"] and "supported | +0.050 |" in claim["R"]
+    assert "contradicted" in claim["R'"] and "not resolved" in claim["C1"]
+    assert "left out (incomplete cell)" in claim["C4"] and "supported" in claim["P"]
+    assert "Holding: reuse pays, overfit." in text
+    assert "loop-k4-p4-c1e-2 (9 seeds)" in text and "| loop-k4-p4-c1e-2 | 4 | 0.01 |" not in text
+    assert "| loop-k4-p4-c1e-4 | 4 | 0.0001 | 0.001 | 20 | 0.370 |" in text and "| 2/20 |" in text
+    assert "| rloo-k4 | 1 | none (on-policy) |" in text
+    assert "Bit-identical: yes; the same CPU kind." in text
+    for config in clip.NEW:  # copies of one tiny run: the mean over runs is its own numbers
+        outside, zeroed, rms = (tiny[config][f"{n}_by_pass"].split() for n in clip.PASS_KEYS)
+        for p in range(clip.NEW[config][0]):
+            runs = 9 if config == "loop-k4-p4-c1e-2" else 20
+            assert (f"| {config} | {runs} | {p + 1} | {float(outside[p]):.3f} | "
+                    f"{float(zeroed[p]):.3f} | {float(rms[p]):.2e} |") in text  # fmt: skip
+    assert "| loop-k4 (check run) | 1 | 1 |" in text
+    if common.have_matplotlib():
+        assert (results / "clip.png").stat().st_size > 1000
+
+
+def test_clip_by_pass_and_hypotheses_on_hand_made_inputs():
+    from bench import clip
+
+    rows = [{"z": [0.0, 0.2, 0.4, 0.6]}, {"z": [0.2, 0.4, 0.6, 0.8]}, {"z": []}]
+    assert clip.by_pass(rows, "z", 2) == pytest.approx([0.2, 0.6])  # updates (1, 2), (3, 4)
+    assert clip.by_pass(rows, "z", 4) == pytest.approx([0.1, 0.3, 0.5, 0.7])
+    assert clip.by_pass([{"z": None}], "z", 4) == []
+    means = [{"zeroed_by_pass": "0.1 0.5"}, {"zeroed_by_pass": "0.3 0.7"}, {"zeroed_by_pass": ""}]
+    assert clip.pass_means(means, "zeroed") == pytest.approx([0.2, 0.6])
+
+    unresolved = "not resolved at this budget"
+    cells = lambda a, b, c: {"loop-k4": 0.50, "loop-k4-p4-c1e-4": a, "loop-k4-p4-c1e-3": b,
+                             "loop-k4-p4-c1e-2": c}  # fmt: skip
+    hypotheses = lambda r, r2, means, collapsed=None: clip.hypotheses(
+        {"R": r, "R'": r2}, means, collapsed or {})  # fmt: skip
+    assert clip.hypotheses({"R": ("supported", 0.1)}, cells(0.5, 0.6, 0.5), {}) is None
+    equal = cells(0.50, 0.53, 0.47)  # every 4-pass cell within +-0.03 (0.03 itself included)
+    assert hypotheses(("supported", 0.53 - 0.50), (unresolved, 0.0), equal) == ["reuse pays"]
+    assert hypotheses(("supported", 0.02), (unresolved, 0.0), equal) == []
+    assert hypotheses((unresolved, 0.03), (unresolved, 0.0), equal) == ["noise"]
+    assert hypotheses((unresolved, 0.04), (unresolved, 0.0), cells(0.5, 0.54, 0.5)) == []
+    assert hypotheses((unresolved, 0.0), ("contradicted", -0.05), equal) == ["overfit"]
+    assert hypotheses((unresolved, 0.0), (unresolved, 0.0), equal,
+                      {"loop-k4-p4-c1e-2": 3 / 20}) == ["noise", "overfit"]  # fmt: skip
+    assert hypotheses((unresolved, 0.0), (unresolved, 0.0), equal,
+                      {"loop-k4-p4-c1e-2": 2 / 20}) == ["noise"]  # fmt: skip
