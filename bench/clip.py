@@ -254,15 +254,15 @@ def report(results: str = "runs/clip/results") -> Path:
                      f"{claims[name][1]:+.3f}",
                      f"{compare.detectable_difference(sx[:, 0], sy[:, 0]):.3f}"])  # fmt: skip
     held = hypotheses(claims, {c: float(s.mean()) for c, s in scores.items()}, collapsed)
-    check = [r for r in mine if (r["stage"], r["config"], r["seed"], r["reward"])
-             == ("check", "loop-k4", "0", "color")][-1:]  # fmt: skip
+    check = [r for r in mine if (r["stage"], r["config"], r["reward"])
+             == ("check", "loop-k4", "color")]  # fmt: skip
     lines = ["# Clip range x reuse: LOOP K=4, 1 or 4 passes, eps 1e-4 to 1e-2 (issue 38, part A)",
              "", ('Written by `python bench/clip.py report`; protocol: bench/PROTOCOL.md, "Clip '
                   f'range x reuse (issue 38, part A)". Color task, {EPOCHS} epochs. New runs: '
                   f"{len(mine)}; commits {sorted({r['commit'][:10] for r in mine})}; CPUs "
                   f"{sorted({r['cpu'] for r in mine})}; threads per run "
                   f"{sorted({r['threads'] for r in mine})}."), "",
-             "## Check run (loop-k4 seed 0 rerun against its recorded row)", "",
+             "## Check runs (loop-k4 seeds rerun against their recorded rows)", "",
              *check_lines(check, _reused(results_dir, "runs")),
              "## Cells", "", cells_table(complete, iqm, iqm_area),
              "## Clip statistics by pass (mean over the runs of each cell)", "",
@@ -293,19 +293,25 @@ def report(results: str = "runs/clip/results") -> Path:
 
 
 def check_lines(check: list[dict], recorded_rows: list[dict]) -> list[str]:
+    """Each check run beside the recorded row of its seed: bit-identical scores or not, and
+    whether the two ran on the same CPU kind (only then can they be bit-identical)."""
     if not check:
         return ["Not run yet.", ""]
-    recorded = [r for r in recorded_rows if (r["stage"], r["config"], r["seed"], r["reward"])
-                == ("evaluate", "loop-k4", "0", "color")][-1:]  # fmt: skip
-    body = [[name, r["final_heldout"], r["cpu"], r["commit"][:10]]
-            for name, r in (("check run", check[0]), *(("recorded", r) for r in recorded))]  # fmt: skip
-    if not recorded:
-        note = "No recorded row to compare with."
-    else:
-        same = float(check[0]["final_heldout"]) == float(recorded[0]["final_heldout"])
-        cpu = "the same CPU kind" if check[0]["cpu"] == recorded[0]["cpu"] else "different CPUs"
-        note = f"Bit-identical: {'yes' if same else 'no (a mismatch)'}; {cpu}."
-    return [markdown_table(["row", "final held-out", "cpu", "commit"], body), note, ""]
+    recorded = {int(r["seed"]): r for r in recorded_rows
+                if (r["stage"], r["config"], r["reward"]) == ("evaluate", "loop-k4", "color")}  # fmt: skip
+    keys, body = ("untrained_heldout", "final_heldout", "final_heldout_raw"), []
+    for r in check:
+        old = recorded.get(int(r["seed"]))
+        if old is None:
+            body.append([r["seed"], r["final_heldout"], "-", r["cpu"], "-", "no recorded row"])
+            continue
+        same = all(float(r[k]) == float(old[k]) for k in keys)
+        kind = "same CPU kind" if r["cpu"] == old["cpu"] else "different CPU kinds"
+        body.append([r["seed"], r["final_heldout"], old["final_heldout"], r["cpu"], old["cpu"],
+                     f"{'yes' if same else 'no'} ({kind})"])  # fmt: skip
+    header = ["seed", "check run: final held-out", "recorded", "check run's cpu", "recorded cpu",
+              "bit-identical (untrained, final, final raw)"]  # fmt: skip
+    return [markdown_table(header, body), ""]
 
 
 def cells_table(complete: dict, iqm: dict, iqm_area: dict) -> str:

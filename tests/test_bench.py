@@ -482,7 +482,8 @@ def test_clip_tiny_runs_then_reports_its_rows_copied_over_seeds(tmp_path):
               "loop-k4-p4-c1e-4": 0.45, "loop-k4-p4-c1e-3": 0.55, "loop-k4-p4-c1e-2": 0.50}  # fmt: skip
     noise = np.random.default_rng(0).normal(0, 0.02, 20)  # per seed, the same in every cell
     tiny = {r["config"]: r for r in rows}  # the check row stands for loop-k4 and rloo-k4
-    check = tiny["loop-k4"] | {"reward": "color", "final_heldout": 0.50 + noise[0]}
+    check = tiny["loop-k4"] | {"reward": "color", "final_heldout": 0.50 + noise[0],
+                               "untrained_heldout": 0.37}  # fmt: skip
     new, old, curves = [check], [], {"new": [], "old": []}
     for config, level in levels.items():
         side = "old" if config in clip.REUSED else "new"
@@ -516,7 +517,7 @@ def test_clip_tiny_runs_then_reports_its_rows_copied_over_seeds(tmp_path):
     assert "loop-k4-p4-c1e-2 (9 seeds)" in text and "| loop-k4-p4-c1e-2 | 4 | 0.01 |" not in text
     assert "| loop-k4-p4-c1e-4 | 4 | 0.0001 | 0.001 | 20 | 0.370 |" in text and "| 2/20 |" in text
     assert "| rloo-k4 | 1 | none (on-policy) |" in text
-    assert "Bit-identical: yes; the same CPU kind." in text
+    assert "| yes (same CPU kind) |" in text
     for config in clip.NEW:  # copies of one tiny run: the mean over runs is its own numbers
         outside, zeroed, rms = (tiny[config][f"{n}_by_pass"].split() for n in clip.PASS_KEYS)
         for p in range(clip.NEW[config][0]):
