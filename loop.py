@@ -717,11 +717,11 @@ def train(cfg: Config, run: loop_utils.Run) -> None:
     worst = check_first_ratio(models, policy, run.eval_prompts[: run.micro], steps, run.writer)
     loop_utils.check_ratio_noise(worst, cfg.clip_range)
     micro, evaluating = run.micro, (models, policy, params, ema, run.eval_prompts, eval_reward_fn)
-    if start == 0:  # row 0: the untrained model's held-out score (the EMA = the raw weights)
+    if not cfg.resume:  # row 0: the untrained model's held-out score (a resume has its row 0)
         held_out, eval_reward, images = held_out_row(*evaluating, micro, False, run.writer)
         row = {"epoch": 0, "images_seen": 0, "reward_mean": None, "reward_std": None, **held_out}
         row |= dict.fromkeys(("adv_clipfrac", *STAT_KEYS, *UPDATE_KEYS))  # no update yet
-        row["eval_raw_reward_mean"] = held_out["eval_reward_mean"]
+        row["eval_raw_reward_mean"] = held_out["eval_reward_mean"]  # untrained: EMA = raw weights
         row["seconds"] = 0.0
         loop_utils.save_epoch(run, row, {"eval": (images, run.eval_prompts, eval_reward)}, *state)
 

@@ -106,18 +106,22 @@ def test_ctrl_c_before_the_first_checkpoint_leaves_nothing(
     assert cli(capsys, **flags(tmp_path, tiny_model, "run"))[0] == 0
 
 
-@pytest.mark.parametrize("fault", ["ctrl-c", "disk full (PIL, fsync)", "disk full (torch.save)"])
+@pytest.mark.parametrize(
+    "fault", ["ctrl-c", "ctrl-c in epoch 1", "disk full (PIL, fsync)", "disk full (torch.save)"]
+)
 def test_a_fault_mid_run_names_the_checkpoint_and_its_resume_works(
     fault, tmp_path, tiny_model, capsys, monkeypatch
 ):
-    """In epoch 2: one line naming the intact checkpoint (epoch 1) and the exact command; running
-    that command finishes the run with each epoch logged once."""
+    """In epoch 2 (or 1: the checkpoint is the untrained model's, written with row 0): one line
+    naming the intact checkpoint and the exact command; running that command finishes the run
+    with each epoch logged once, as an uninterrupted run would."""
     calls, real_train = {"n": 0}, loop.train_on_rollout
     real_fsync, real_save = loop_utils.os.fsync, loop_utils.torch.save
+    at = 1 if fault.endswith("epoch 1") else 2
 
-    def counted(*args, **kwargs):  # calls["n"] == 2: in epoch 2
+    def counted(*args, **kwargs):  # calls["n"] == at: in epoch `at`
         calls["n"] += 1
-        if fault == "ctrl-c" and calls["n"] == 2:
+        if fault.startswith("ctrl-c") and calls["n"] == at:
             raise KeyboardInterrupt
         return real_train(*args, **kwargs)
 
@@ -139,16 +143,22 @@ def test_a_fault_mid_run_names_the_checkpoint_and_its_resume_works(
     given = flags(tmp_path, tiny_model, "run")
     code, err = cli(capsys, **given)
     assert len(err) == 1, err
-    if fault == "ctrl-c":
+    if fault.startswith("ctrl-c"):
         assert code == 130 and err[0].startswith("interrupted: "), err
     else:
         assert code == 2 and "the disk is full" in err[0], err
-    assert "checkpoint of epoch 1 is intact" in err[0], err
+    assert f"checkpoint of epoch {at - 1} is intact" in err[0], err
     assert not list((tmp_path / "run").rglob("*.tmp*"))  # no temporary file left behind
     monkeypatch.undo()
     code, err = cli(capsys, **resume_command(err[0]))  # the advice, followed
     assert code == 0, err
     assert epochs_logged(tmp_path / "run") == [0, 1, 2, 3]
+    if at == 1:  # the resumed run is the uninterrupted one, row for row (timings aside)
+        assert cli(capsys, **flags(tmp_path, tiny_model, "straight"))[0] == 0
+        rows = [[{k: v for k, v in json.loads(line).items() if "seconds" not in k}
+                 for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                for name in ("run", "straight")]  # fmt: skip
+        assert rows[0] == rows[1]
 
 
 def test_a_resume_recreates_deleted_samples_and_metrics_and_clears_stale_temporaries(
