@@ -529,6 +529,25 @@ def test_clip_tiny_runs_then_reports_its_rows_copied_over_seeds(tmp_path):
         assert (results / "clip.png").stat().st_size > 1000
 
 
+def test_clip_sweep_goes_on_past_a_failed_run_and_names_it(tmp_path, monkeypatch):
+    """A run that fails (here: made to) is named at the end; the sweep's other runs still run."""
+    from bench import clip
+
+    real = compare.execute
+
+    def failing(run, *args, **kwargs):
+        if run.config == "loop-k4-p1-c1e-2":
+            raise common.BenchError(f"{run.name} failed (exit 2); see its log")
+        return real(run, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "execute", failing)
+    results = tmp_path / "results"
+    with pytest.raises(common.BenchError, match=r"1 run\(s\) failed: .*loop-k4-p1-c1e-2"):
+        clip.run(jobs=1, threads=1, results=str(results), runs=str(tmp_path), tiny=True)
+    configs = [r["config"] for r in compare.read_csv(results / "clip_runs.csv")]
+    assert sorted(configs) == sorted(["loop-k4", *(c for c in clip.NEW if "p1" not in c)])
+
+
 def test_clip_by_pass_and_hypotheses_on_hand_made_inputs():
     from bench import clip
 
