@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +112,6 @@ def run(jobs: int = 2, threads: int = 1, results: str = "runs/clip/results",
         runs: str = "runs/clip", tiny: bool = False, commit: str = "HEAD") -> None:  # fmt: skip
     """The check run, then seeds 0-19 seed-major; every run not yet in clip_runs.csv, `jobs` at a
     time; a row as each ends."""
-    from tqdm import tqdm
 
     if jobs < 1 or threads < 1:
         raise BenchError(f"--jobs {jobs} / --threads {threads}: need at least 1")
@@ -138,11 +136,8 @@ def run(jobs: int = 2, threads: int = 1, results: str = "runs/clip/results",
     print(f"{len(todo)} of {len(planned)} runs to do, {jobs} at a time, {threads} thread(s) each, "
           f"code at {sha[:10]}")  # fmt: skip
 
-    def one(r: ClipRun) -> dict | str:
-        try:  # a failed run is named and the sweep goes on (a background sweep is unattended)
-            folder = compare.execute(r, src, runs_dir.resolve(), threads, extra, epochs)
-        except BenchError as error:
-            return str(error)
+    def one(r: ClipRun) -> dict:
+        folder = compare.execute(r, src, runs_dir.resolve(), threads, extra, epochs)
         cmd = compare.command_line(r, threads, extra)
         base, curves = compare.summarise(r, folder, threads, sha, cmd)
         rows = compare.metrics_of(folder)
@@ -155,19 +150,9 @@ def run(jobs: int = 2, threads: int = 1, results: str = "runs/clip/results",
         compare.append_csv(results_dir / "clip_runs.csv", RUN_FIELDS, [record])
         return record
 
-    failed = []
-    with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(todo), desc="runs") as bar:
-        for record in pool.map(one, todo):
-            bar.update()
-            if isinstance(record, str):
-                failed.append(record)
-                tqdm.write(f"failed, going on: {record}")
-                continue
-            tqdm.write(f"{record['config']} seed {record['seed']}: held-out "
-                       f"{record['final_heldout']:.4f}, zeroed by pass {record['zeroed_by_pass']} "
-                       f"({record['train_seconds']:.0f} s training)")  # fmt: skip
-    if failed:
-        raise BenchError(f"{len(failed)} run(s) failed: {'; '.join(failed)}")
+    compare.sweep(todo, one, jobs, "runs", lambda r: f"{r['config']} seed {r['seed']}: held-out "
+                  f"{r['final_heldout']:.4f}, zeroed by pass {r['zeroed_by_pass']} "
+                  f"({r['train_seconds']:.0f} s training)")  # fmt: skip
 
 
 # === Report: the cells, the claims, the hypotheses, the clip statistics by pass

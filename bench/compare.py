@@ -227,7 +227,6 @@ def append_csv(path: Path, fields: tuple, rows: list[dict]) -> None:
 def run_all(runs_list: list[Run], jobs: int, threads: int, results: Path, runs: Path,
             tiny: bool, commit: str) -> list[dict]:  # fmt: skip
     """Execute every run not yet in compare_runs.csv, `jobs` at a time; append rows as each ends."""
-    from tqdm import tqdm
 
     results.mkdir(parents=True, exist_ok=True)
     if tiny:  # the tiny random model draws no shapes: a reward it can be scored by
@@ -258,13 +257,33 @@ def run_all(runs_list: list[Run], jobs: int, threads: int, results: Path, runs: 
         append_csv(results / "compare_runs.csv", RUN_FIELDS, [record])
         return record
 
-    records = []
-    with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(todo), desc="runs") as bar:
-        for record in pool.map(one, todo):  # rows are appended in completion order by one()
-            records.append(record)
+    return sweep(todo, one, jobs, "runs", lambda r: f"{r['config']} {r['reward']} lr {r['lr']:g} "
+                 f"seed {r['seed']}: held-out {r['final_heldout']:.4f}")  # fmt: skip
+
+
+def sweep(todo: list, one, jobs: int, label: str, line) -> list[dict]:
+    """one(run) for every run, `jobs` at a time, `line(record)` printed as each ends (one appends
+    its rows). A failed run (BenchError) is named and the others go on: a background sweep is
+    unattended; the sweep then ends naming every failure."""
+    from tqdm import tqdm
+
+    def guarded(run):
+        try:
+            return one(run)
+        except BenchError as error:
+            return str(error)
+
+    records, failed = [], []
+    with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(todo), desc=label) as bar:
+        for record in pool.map(guarded, todo):
             bar.update()
-            tqdm.write(f"{record['config']} {record['reward']} lr {record['lr']:g} seed "
-                       f"{record['seed']}: held-out {record['final_heldout']:.4f}")  # fmt: skip
+            if isinstance(record, str):
+                failed.append(record)
+            else:
+                records.append(record)
+            tqdm.write(f"failed, going on: {record}" if isinstance(record, str) else line(record))
+    if failed:
+        raise BenchError(f"{len(failed)} run(s) failed: {'; '.join(failed)}")
     return records
 
 

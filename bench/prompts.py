@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,7 +173,6 @@ def _rows(results_dir: Path) -> list[dict]:
 
 def _execute(planned, label, src, sha, results_dir, runs_dir, jobs, threads, extra, epochs,
              tiny) -> None:  # fmt: skip
-    from tqdm import tqdm
 
     if tiny:
         planned = [dataclasses.replace(r, reward="jpeg_compressibility",
@@ -201,12 +199,9 @@ def _execute(planned, label, src, sha, results_dir, runs_dir, jobs, threads, ext
         compare.append_csv(results_dir / "prompts_runs.csv", RUN_FIELDS, [record])
         return record
 
-    with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(todo), desc=label) as bar:
-        for record in pool.map(one, todo):
-            bar.update()
-            tqdm.write(f"{record['config']} lr {record['lr']:g} seed {record['seed']}: held-out "
-                       f"{record['final_heldout']:.4f} ({record['train_seconds']:.0f} s training, "
-                       f"{record['eval_seconds']:.0f} s evaluating)")  # fmt: skip
+    compare.sweep(todo, one, jobs, label, lambda r: f"{r['config']} lr {r['lr']:g} seed "
+                  f"{r['seed']}: held-out {r['final_heldout']:.4f} ({r['train_seconds']:.0f} s "
+                  f"training, {r['eval_seconds']:.0f} s evaluating)")  # fmt: skip
 
 
 # === Report: the cells at equal prompts and at equal images, side by side

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +86,6 @@ def plan(levels=LEVELS, seeds=SEEDS) -> list[ReuseRun]:
 def run(jobs: int = 2, threads: int = 1, results: str = "runs/reuse/results",
         runs: str = "runs/reuse", tiny: bool = False, commit: str = "HEAD") -> None:  # fmt: skip
     """Execute every planned run not yet in reuse_runs.csv, `jobs` at a time; a row as each ends."""
-    from tqdm import tqdm
 
     if jobs < 1 or threads < 1:
         raise BenchError(f"--jobs {jobs} / --threads {threads}: need at least 1")
@@ -131,12 +129,8 @@ def run(jobs: int = 2, threads: int = 1, results: str = "runs/reuse/results",
         compare.append_csv(results_dir / "reuse_runs.csv", RUN_FIELDS, [record])
         return record
 
-    with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(todo), desc="runs") as bar:
-        for record in pool.map(one, todo):
-            bar.update()
-            tqdm.write(
-                f"{record['config']} seed {record['seed']}: held-out {record['final_heldout']:.4f}"
-            )
+    compare.sweep(todo, one, jobs, "runs",
+                  lambda r: f"{r['config']} seed {r['seed']}: held-out {r['final_heldout']:.4f}")  # fmt: skip
 
 
 # === Report: IQM intervals per cell, P(LOOP > X) per level, one figure
