@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench import compare
 from bench.common import BenchError, have_matplotlib, markdown_table, tiny_model
-from bench.prompts import _interval, area, compare_folder
+from bench.prompts import _interval, cell_statistics, compare_folder
 
 # === The protocol (bench/PROTOCOL.md, "Clip range x reuse"), as data
 EPOCHS = 48
@@ -223,16 +223,8 @@ def report(results: str = "runs/clip/results") -> Path:
     """clip.md (check run, cells, clip statistics by pass, claims, hypotheses) and clip.png."""
     results_dir = Path(results)
     rows, points, mine = cell_rows(results_dir), curve_points(results_dir), _rows(results_dir)
-    complete = {c: v for c, v in rows.items() if len(v) >= MIN_SEEDS}
+    complete, scores, _, iqm, iqm_area = cell_statistics(rows, points, results_dir, MIN_SEEDS)
     incomplete = {c: len(rows.get(c, [])) for c in ORDER if c not in complete}
-    if not complete:
-        raise BenchError(f"no complete cell in {results_dir}; run `run` first")
-    scores = {c: np.array([float(r["final_heldout"]) for r in v]).reshape(-1, 1)
-              for c, v in complete.items()}  # fmt: skip
-    areas = {c: np.array([area(points.get((c, int(r["seed"])), [])) for r in v]).reshape(-1, 1)
-             for c, v in complete.items()}  # fmt: skip
-    iqm = compare.iqm_intervals(scores)
-    iqm_area = compare.iqm_intervals({c: a for c, a in areas.items() if not np.isnan(a).any()})
     collapsed = {c: np.mean([float(r["final_heldout"]) < float(r["untrained_heldout"]) for r in v])
                  for c, v in complete.items()}  # fmt: skip
     pairs = {name: (scores[x], scores[y]) for name, x, y in CLAIMS if x in scores and y in scores}

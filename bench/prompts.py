@@ -249,14 +249,11 @@ def area(points: list[tuple]) -> float:
     return float(np.sum(widths * (values[1:] + values[:-1]) / 2) / (epochs[-1] - epochs[0]))
 
 
-def report(results: str = "runs/prompts/results") -> Path:
-    """prompts.md (tuning, cells, the claims at equal prompts and at equal images) and
-    prompts.png."""
-    results_dir = Path(results)
-    rows, points = cell_rows(results_dir), curve_points(results_dir)
-    complete = {c: v for c, v in rows.items() if len(v) >= MIN_SEEDS}
-    incomplete = {c: len(v) for c, v in rows.items() if len(v) < MIN_SEEDS}
-    incomplete |= {c: 0 for c in NEW if c not in rows}
+def cell_statistics(rows: dict, points: dict, results_dir: Path,
+                    min_seeds: int = MIN_SEEDS) -> tuple[dict, ...]:  # fmt: skip
+    """The cells with at least `min_seeds` runs; per cell its final held-out scores and curve areas
+    ((runs, 1): rliable's layout) and their IQM intervals. Used by prompts.py and clip.py."""
+    complete = {c: v for c, v in rows.items() if len(v) >= min_seeds}
     if not complete:
         raise BenchError(f"no complete cell in {results_dir}; run `run` first")
     scores = {c: np.array([float(r["final_heldout"]) for r in v]).reshape(-1, 1)
@@ -265,6 +262,17 @@ def report(results: str = "runs/prompts/results") -> Path:
              for c, v in complete.items()}  # fmt: skip
     iqm = compare.iqm_intervals(scores)
     iqm_area = compare.iqm_intervals({c: a for c, a in areas.items() if not np.isnan(a).any()})
+    return complete, scores, areas, iqm, iqm_area
+
+
+def report(results: str = "runs/prompts/results") -> Path:
+    """prompts.md (tuning, cells, the claims at equal prompts and at equal images) and
+    prompts.png."""
+    results_dir = Path(results)
+    rows, points = cell_rows(results_dir), curve_points(results_dir)
+    complete, scores, areas, iqm, iqm_area = cell_statistics(rows, points, results_dir)
+    incomplete = {c: len(v) for c, v in rows.items() if len(v) < MIN_SEEDS}
+    incomplete |= {c: 0 for c in NEW if c not in rows}
     mine = _rows(results_dir)
     lines = ["# Equal prompts: LOOP and PPO K=1 per prompt and per image (issue 38, part B)", "",
              ('Written by `python bench/prompts.py report`; protocol: bench/PROTOCOL.md, "Equal '
