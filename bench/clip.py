@@ -27,7 +27,6 @@ bench/results), never rerun, except the check run (seed 0 of
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench import compare
-from bench.common import BenchError, have_matplotlib, markdown_table, tiny_model
+from bench.common import have_matplotlib, markdown_table, tiny_model
 from bench.prompts import _interval, cell_statistics, compare_folder
 
 # === The protocol (bench/PROTOCOL.md, "Clip range x reuse"), as data
@@ -112,14 +111,8 @@ def run(jobs: int = 2, threads: int = 1, results: str = "runs/clip/results",
         runs: str = "runs/clip", tiny: bool = False, commit: str = "HEAD") -> None:  # fmt: skip
     """The check run, then seeds 0-19 seed-major; every run not yet in clip_runs.csv, `jobs` at a
     time; a row as each ends."""
-
-    if jobs < 1 or threads < 1:
-        raise BenchError(f"--jobs {jobs} / --threads {threads}: need at least 1")
+    sha = compare.sweep_commit(jobs, threads, commit)
     results_dir, runs_dir = Path(results), Path(runs)
-    try:
-        sha = compare.git("rev-parse", "--verify", f"{commit}^{{commit}}").strip()
-    except subprocess.CalledProcessError as error:
-        raise BenchError(f"--commit {commit}: not a commit of this repository") from error
     results_dir.mkdir(parents=True, exist_ok=True)
     planned, extra, epochs = plan(), [], EPOCHS
     if tiny:  # the tiny random model, 1/8 of the images, a reward it can be scored by

@@ -234,7 +234,7 @@ def run_all(runs_list: list[Run], jobs: int, threads: int, results: Path, runs: 
     key = lambda r: (r["stage"], r["config"], float(r["lr"]), int(r["seed"]), r["reward"])
     done = {key(r) for r in read_csv(results / "compare_runs.csv")}
     todo = [r for r in runs_list if (r.stage, r.config, r.lr, r.seed, r.reward) not in done]
-    commit = git("rev-parse", commit).strip()
+    commit = sweep_commit(jobs, threads, commit)
     if git("status", "--porcelain", "loop.py", "rewards.py", "shapes_world"):
         print(
             f"note: loop.py, rewards.py or shapes_world/ have uncommitted changes; runs use {commit[:10]}"
@@ -259,6 +259,16 @@ def run_all(runs_list: list[Run], jobs: int, threads: int, results: Path, runs: 
 
     return sweep(todo, one, jobs, "runs", lambda r: f"{r['config']} {r['reward']} lr {r['lr']:g} "
                  f"seed {r['seed']}: held-out {r['final_heldout']:.4f}")  # fmt: skip
+
+
+def sweep_commit(jobs: int, threads: int, commit: str) -> str:
+    """A sweep's flags checked, and the full sha of the commit its runs execute (one line if not one)."""
+    if jobs < 1 or threads < 1:
+        raise BenchError(f"--jobs {jobs} / --threads {threads}: need at least 1")
+    try:
+        return git("rev-parse", "--verify", f"{commit}^{{commit}}").strip()
+    except subprocess.CalledProcessError as error:
+        raise BenchError(f"--commit {commit}: not a commit of this repository") from error
 
 
 def sweep(todo: list, one, jobs: int, label: str, line) -> list[dict]:
@@ -636,8 +646,6 @@ def plot_lr(table: dict, path: Path, untrained: float | None = None) -> None:
 
 # === Command line
 def _stage(runs_list, jobs, threads, results, runs, tiny, commit) -> None:
-    if jobs < 1 or threads < 1:
-        raise BenchError(f"--jobs {jobs} / --threads {threads}: need at least 1")
     run_all(runs_list, jobs, threads, Path(results), Path(runs), tiny, commit)
 
 

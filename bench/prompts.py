@@ -26,7 +26,6 @@ side is the comparison's 64-image cells, all read from compare_runs.csv / compar
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,13 +135,8 @@ def run(jobs: int = 2, threads: int = 1, results: str = "runs/prompts/results",
         runs: str = "runs/prompts", tiny: bool = False, commit: str = "HEAD") -> None:  # fmt: skip
     """Tuning (and the edge rule's runs), then seeds 0-19 seed-major; every run not yet in
     prompts_runs.csv, `jobs` at a time; a row as each ends."""
-    if jobs < 1 or threads < 1:
-        raise BenchError(f"--jobs {jobs} / --threads {threads}: need at least 1")
+    sha = compare.sweep_commit(jobs, threads, commit)
     results_dir, runs_dir = Path(results), Path(runs)
-    try:
-        sha = compare.git("rev-parse", "--verify", f"{commit}^{{commit}}").strip()
-    except subprocess.CalledProcessError as error:
-        raise BenchError(f"--commit {commit}: not a commit of this repository") from error
     loop_lr = loop_pick(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     tune_seeds, seeds, extra, epochs = TUNE_SEEDS, SEEDS, [], EPOCHS

@@ -87,8 +87,7 @@ def run(jobs: int = 2, threads: int = 1, results: str = "runs/reuse/results",
         runs: str = "runs/reuse", tiny: bool = False, commit: str = "HEAD") -> None:  # fmt: skip
     """Execute every planned run not yet in reuse_runs.csv, `jobs` at a time; a row as each ends."""
 
-    if jobs < 1 or threads < 1:
-        raise BenchError(f"--jobs {jobs} / --threads {threads}: need at least 1")
+    sha = compare.sweep_commit(jobs, threads, commit)
     results_dir, runs_dir = Path(results), Path(runs)
     results_dir.mkdir(parents=True, exist_ok=True)
     planned = plan()
@@ -105,7 +104,6 @@ def run(jobs: int = 2, threads: int = 1, results: str = "runs/reuse/results",
         for r in compare.read_csv(results_dir / "reuse_runs.csv")
     }
     todo = [r for r in planned if (r.config, r.seed, r.reward) not in done]
-    sha = compare.git("rev-parse", commit).strip()
     src = compare.worktree(sha, runs_dir)
     print(
         f"{len(todo)} of {len(planned)} runs to do, {jobs} at a time, {threads} thread(s), code at {sha[:10]}"
