@@ -9,11 +9,11 @@ The world (fixed)
 - Images 64x64 RGB on a uniform background BACKGROUND = (24, 24, 24).
 - Colors (exact RGB) in COLORS; shapes circle, square, triangle (pointing up), half-width 9..15 px;
   objects never overlap (bounding boxes at least GAP px apart).
-- Textures, drawn in absolute image coordinates so that they line up with the 4x4 pixel cells of a
-  16x16 latent grid (the first tiny model's; the shipped 8x8-latent one cannot draw them, README):
+- Textures, drawn in absolute image coordinates on the 8x8 pixel cells that one latent of an 8x-per-side
+  VAE covers (Stable Diffusion's factor: the shipped models' 8x8x4 latents), so a latent can carry them:
     solid    every pixel of the object has its color;
-    striped  horizontal bands of period 8 px: rows with (y // 4) odd take the dark shade (color * DARK);
-    dotted   dark 2x2 dots on a 6 px grid: pixels with x % 6 < 2 and y % 6 < 2 take the dark shade.
+    striped  horizontal bands 8 px high: rows with (y // 8) odd take the dark shade (color * DARK);
+    dotted   dark 4x4 dots on an 8 px grid: pixels with x % 8 < 4 and y % 8 < 4 take the dark shade.
   The dark shade keeps an object one connected blob of its own hue, so color judging ignores texture.
 
 Prompt forms and categories (mirroring T2I-CompBench's attribute binding + spatial)
@@ -33,7 +33,9 @@ The judges (the world's "VQA model", all from pixels)
    FG_THRESHOLD; 4-connected components of at least MIN_AREA pixels are objects.
 2. Per object: p(color c) = fraction of its pixels whose nearest palette entry (full or dark shade) is c;
    p(shape s) = softmax over shapes of IoU(mask, ideal shape s of the same area and centroid) / temperature;
-   p(texture t) from the fraction of dark-shade pixels in the unfiltered image (logistic steps).
+   p(texture t) from where the dark-shade pixels of the unfiltered image lie: the dark share inside a
+   texture's pattern minus the share outside it, over the object's pixels (a "contrast", 1 for a clean
+   render of that texture, about 0 for the other two), so it does not depend on the object's size.
 3. P(yes | image, "<phrase>?") = max over objects of the product of that phrase's attribute
    probabilities (an object-presence factor included).
 4. color / shape / texture score = product over the prompt's phrases (T2I-CompBench's BLIP-VQA rule);
@@ -73,6 +75,7 @@ CATEGORIES = ("color", "shape", "texture", "spatial")
 HALF_WIDTH = (9, 15)  # inclusive range of an object's half-width in pixels
 GAP = 3  # minimum empty pixels between two objects' bounding boxes
 DARK = 0.5  # the dark shade of a texture is color * DARK
+TEXTURE_CELL = 8  # px: a stripe's height, a dot's grid; one latent cell of an 8x-per-side VAE
 FG_THRESHOLD = 48  # L1 distance to BACKGROUND (0..765) above which a pixel is foreground
 MIN_AREA = 24  # components smaller than this are specks, not objects
 RELATION_MARGIN = 8  # when drawing a spatial scene, |along| - |across| >= this (px)
@@ -116,9 +119,9 @@ def texture_mask(texture: str, size: int = SIZE) -> np.ndarray:
     if texture == "solid":
         return np.zeros((size, size), dtype=bool)
     if texture == "striped":
-        return (y // 4) % 2 == 1
+        return (y // TEXTURE_CELL) % 2 == 1
     if texture == "dotted":
-        return (x % 6 < 2) & (y % 6 < 2)
+        return (x % TEXTURE_CELL < TEXTURE_CELL // 2) & (y % TEXTURE_CELL < TEXTURE_CELL // 2)
     raise ValueError(f"unknown texture {texture!r}; valid: {TEXTURES}")
 
 
@@ -397,28 +400,45 @@ def median_filter(image: torch.Tensor) -> torch.Tensor:
     return patches.median(dim=1).values
 
 
-def _texture_probabilities(dark_fraction: float) -> dict[str, float]:
-    """p(texture) from the dark-shade fraction: solid ~0, dotted ~0.11, striped ~0.5 (logistic steps)."""
-    # p(not solid) = sigmoid((dark - 0.05) / 0.008); p(striped | not solid) = sigmoid((dark - 0.27) / 0.025)
-    not_solid = torch.sigmoid(torch.tensor((dark_fraction - 0.05) / 0.008)).item()
-    striped = torch.sigmoid(torch.tensor((dark_fraction - 0.27) / 0.025)).item()
+TEXTURE_LEVEL, TEXTURE_SCALE = 0.3, 0.05  # contrast at which p(patterned) = 1/2; logistic scale
+
+
+def pattern_contrast(dark: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> float:
+    """Dark share of the object's pixels inside a texture's pattern minus the share outside it (0 if the
+    object has no pixel on one side): 1 for a clean render of that texture, ~0 for solid or the other."""
+    inside, outside = dark[mask & pattern], dark[mask & ~pattern]
+    if len(inside) == 0 or len(outside) == 0:
+        return 0.0
+    return inside.float().mean().item() - outside.float().mean().item()
+
+
+def _texture_probabilities(striped: float, dotted: float) -> dict[str, float]:
+    """p(texture) from the stripe and dot contrasts: patterned if either is high, then the higher wins."""
+    # p(not solid) = sigmoid((max(c_striped, c_dotted) - 0.3) / 0.05)
+    not_solid = torch.sigmoid(torch.tensor((max(striped, dotted) - TEXTURE_LEVEL) / TEXTURE_SCALE))
+    # p(striped | not solid) = sigmoid((c_striped - c_dotted) / 0.05)
+    p_striped = torch.sigmoid(torch.tensor((striped - dotted) / TEXTURE_SCALE))
+    not_solid, p_striped = not_solid.item(), p_striped.item()
     return {
         "solid": 1 - not_solid,
-        "striped": not_solid * striped,
-        "dotted": not_solid * (1 - striped),
+        "striped": not_solid * p_striped,
+        "dotted": not_solid * (1 - p_striped),
     }
 
 
 def detect(image: torch.Tensor) -> list[Detection]:
     """All objects of one image (3, H, W) in [0, 1], largest first."""
     # segment, color and shape on the median-filtered image; texture on the raw pixels (the filter
-    # would erase 2x2 dots)
+    # would fray the dots' corners)
     pixels = median_filter(image.float()).permute(1, 2, 0) * 255  # (H, W, 3)
     raw = image.float().permute(1, 2, 0) * 255  # (H, W, 3)
     foreground = (pixels - torch.tensor(BACKGROUND)).abs().sum(-1) > FG_THRESHOLD  # (H, W)
     labels = connected_components(foreground[None])[0]
     nearest = torch.cdist(pixels.view(-1, 3), PALETTE.float()).argmin(-1).view(labels.shape)
     nearest_raw = torch.cdist(raw.reshape(-1, 3), PALETTE.float()).argmin(-1).view(labels.shape)
+    dark = PALETTE_IS_DARK[nearest_raw]  # (H, W): the pixel's nearest palette entry is a dark shade
+    stripes = torch.from_numpy(texture_mask("striped", labels.shape[-1]))
+    dots = torch.from_numpy(texture_mask("dotted", labels.shape[-1]))
     detections = []
     for label in labels.unique()[1:]:
         mask = labels == label
@@ -429,13 +449,14 @@ def detect(image: torch.Tensor) -> list[Detection]:
         p_color = {c: 0.0 for c in COLORS}
         for entry, count in zip(*entries.unique(return_counts=True)):
             p_color[PALETTE_COLOR[entry]] += count.item() / area
-        dark_fraction = PALETTE_IS_DARK[nearest_raw[mask]].float().mean().item()
         ys, xs = torch.nonzero(mask, as_tuple=True)
         detections.append(
             Detection(
                 p_color,
                 _shape_probabilities(mask),
-                _texture_probabilities(dark_fraction),
+                _texture_probabilities(
+                    pattern_contrast(dark, mask, stripes), pattern_contrast(dark, mask, dots)
+                ),
                 xs.float().mean().item(),
                 ys.float().mean().item(),
                 area,

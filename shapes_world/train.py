@@ -337,24 +337,31 @@ def save_pipeline(folder: str, vae, unet, text_encoder, tokenizer) -> None:
 
 
 @torch.no_grad()
-def calibrate(folder: str, seeds: int = 2, sampler: dict = SAMPLER) -> dict:
-    """Exact-judge scores of a saved pipeline: held-out two-object color prompts and single objects."""
+def calibrate(
+    folder: str, seeds: int = 2, sampler: dict = SAMPLER, category: str = "color"
+) -> dict:
+    """Exact-judge scores of a saved pipeline: the category's held-out two-object prompts ("color_val",
+    or "texture_val" for a texture model) and single objects ("single": "a red circle", as the training
+    scenes name them; for texture every texture too, its phrase judged with the texture named even
+    where the prompt, as in training, leaves "solid" out)."""
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    with open(os.path.join(W.PROMPT_DIR, "color_val.txt")) as f:
-        color_val = f.read().split("\n")[:-1]
-    singles = [f"a {c} {s}" for c in W.COLORS for s in W.SHAPES]
+    with open(os.path.join(W.PROMPT_DIR, f"{category}_val.txt")) as f:
+        pairs = f.read().split("\n")[:-1]
+    textures = W.TEXTURES if category == "texture" else ("solid",)
+    singles = [W.Obj(c, s, t, 0, 0, 0) for t in textures for c in W.COLORS for s in W.SHAPES]
+    single_prompts = [f"a {W.phrase_text(o, with_texture=o.texture != 'solid')}" for o in singles]
+    single_judged = [f"a {W.phrase_text(o, with_texture=category == 'texture')}" for o in singles]
     result = {}
-    for name, prompts, category in [
-        ("color_val", color_val, "color"),
-        ("single", singles, "color"),
+    for name, prompts, judged in [
+        (f"{category}_val", pairs, pairs),
+        ("single", single_prompts, single_judged),
     ]:
-        prompts = prompts * seeds
         generator = torch.Generator().manual_seed(0)
         images = pipe(
-            prompts, generator=generator, output_type="pt", **sampler
+            prompts * seeds, generator=generator, output_type="pt", **sampler
         ).images  # (N, 3, 64, 64)
-        scores = W.score(images, prompts, category)
+        scores = W.score(images, judged * seeds, category)
         result[name] = scores.mean().item()
         result[name + "_correct"] = (scores > 0.5).float().mean().item()
     return result
@@ -388,6 +395,7 @@ def train_diffusion(
     log,
     n,
     first_step=1,
+    category="color",
 ):
     noise_scheduler = DDPMScheduler.from_config(scheduler_config())  # the DDIM sampler's betas
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -435,7 +443,7 @@ def train_diffusion(
         if step % eval_every == 0 or last:
             folder = os.path.join(out, f"step_{step:06d}")
             save_pipeline(folder, vae, ema_unet, ema_text, tokenizer)
-            scores = calibrate(folder)
+            scores = calibrate(folder, category=category)
             log(
                 {
                     "stage": "calibration",
@@ -470,6 +478,7 @@ def main(
     latent_factor: int = 4,
     vae_only: bool = False,
     decoder_scenes: str = "single,texture",
+    category: str = "color",
 ) -> None:
     """Train the tiny pipeline (see the module docstring).
 
@@ -480,7 +489,11 @@ def main(
     --latent_factor 8: a VAE that compresses 8x per side (8x8x4 latents) and a UNet for that size.
     --vae_only: stop after the VAE stage; OUT/vae_stage is a pipeline with the trained VAE and an
       untrained UNet (for measuring reconstruction and the cost of a UNet call at that latent size).
+    --category texture: the snapshots and the shipped model are calibrated on texture prompts (held-out
+      two-object texture prompts, single objects of every texture), not on color ones.
     """
+    if category not in ("color", "texture"):
+        raise ValueError(f"--category {category!r}: calibrate on color or texture")
     torch.manual_seed(seed)
     torch.set_num_threads(threads)  # 1: two busy threads on a shared 2-core machine run 5x slower
     rng = random.Random(seed)
@@ -497,7 +510,8 @@ def main(
         if os.path.isdir(os.path.join(out, "decoder")):
             shutil.rmtree(os.path.join(ship_to, "vae"))
             shutil.copytree(os.path.join(out, "decoder"), os.path.join(ship_to, "vae"))
-        scores, rl_scores = calibrate(ship_to), calibrate(ship_to, sampler=RL_SAMPLER)
+        scores = calibrate(ship_to, category=category)
+        rl_scores = calibrate(ship_to, sampler=RL_SAMPLER, category=category)
         marker = os.path.join(ship_to, "shapes_world.json")
         with open(marker) as f:
             info = json.load(f)
@@ -544,6 +558,7 @@ def main(
             log,
             scenes,
             first_step=first,
+            category=category,
         )
         return
     t0 = time.time()
@@ -585,6 +600,7 @@ def main(
         max_minutes,
         log,
         scenes,
+        category=category,
     )
     log({"stage": "done", "minutes": (time.time() - t0) / 60})
     print(f"done in {(time.time() - t0) / 60:.1f} min; calibration in {out}/train_log.jsonl")

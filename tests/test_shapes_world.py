@@ -4,6 +4,7 @@ import itertools
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,6 +69,28 @@ def test_texture_judge_tells_the_three_textures_apart():
         for other in W.TEXTURES:
             p = W.vqa_probability(image, f"{other} square")
             assert (p > 0.9) if other == texture else (p < 0.1), (texture, other, p)
+
+
+def test_texture_judge_reads_where_the_dark_pixels_lie_not_how_many():
+    """Textures are read from the pattern's place on the 8 px grid, so every object size gives the right
+    texture; a dark share like a stripe's (half the object) that is not in the stripes' rows is solid,
+    and a striped pattern shifted by half a period (dark rows where the world has light ones) is not
+    striped."""
+    for shape, h in itertools.product(W.SHAPES, W.HALF_WIDTH):
+        for texture in W.TEXTURES:
+            image = W.to_tensor(W.render([W.Obj("blue", shape, texture, 31, 33, h)]))
+            for other in W.TEXTURES:
+                p = W.vqa_probability(image, f"{other} {shape}")
+                assert (p > 0.9) if other == texture else (p < 0.1), (shape, h, texture, other, p)
+    half_dark = W.render([W.Obj("red", "square", "solid", 32, 32, 14)])
+    half_dark[:, :32] = np.where(half_dark[:, :32] == W.BACKGROUND, half_dark[:, :32],
+                                 (half_dark[:, :32] * W.DARK).round())  # fmt: skip
+    assert W.vqa_probability(W.to_tensor(half_dark), "solid square") > 0.9
+    shifted = W.render([W.Obj("red", "square", "striped", 32, 28, 14)])
+    shifted = np.roll(
+        shifted, W.TEXTURE_CELL, axis=0
+    )  # the object moves down 8 px, its stripes too
+    assert W.vqa_probability(W.to_tensor(shifted), "striped square") < 0.1
 
 
 def test_judges_degrade_smoothly_under_noise():
