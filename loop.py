@@ -67,7 +67,7 @@ class Config:
     reward_options: str = ""
     """JSON of rewards.load_reward options, e.g. '{"model": "/data/blip"}' (training and held-out)"""
     model: str = "shapes_world/tiny-shapes"
-    """local diffusers folder (else looked up next to loop.py) or a hub id"""
+    """local diffusers folder (else next to loop.py) or a hub id; --reward texture: its -texture twin"""
     train_prompts: str = ""
     """training prompt file, one per line (default: from the model, reward or --prompt_dir)"""
     eval_prompts: str = ""

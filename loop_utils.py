@@ -35,6 +35,7 @@ import rewards
 
 HERE = Path(__file__).resolve().parent
 EMBEDDED_MODEL = HERE / "shapes_world" / "tiny-shapes"
+TEXTURE_MODEL = HERE / "shapes_world" / "tiny-shapes-texture"  # --reward texture's default
 # a resume may change how long the run goes, how often it is scored and where it runs: no more
 RESUMABLE = ("resume", "epochs", "eval_every", "eval_raw", "micro_batch", "device")
 LOCK = "run.lock"  # held (flock) by the one process that trains the folder; says who it is
@@ -271,7 +272,7 @@ def prepare(cfg, algos: tuple) -> Run:
     """Every input checked (one line, exit 2, nothing written), the run resolved."""
     rank, world, device = setup_distributed(cfg)
     sizes = check_config(cfg, world)
-    model = resolve_model_path(cfg.model)
+    model = resolve_model_path(model_for_reward(cfg.model, cfg.reward, show=rank == 0))
     check_num_steps(cfg.num_steps, model)
     reward, train_prompts, eval_prompts = reward_and_prompts(cfg, model, show=rank == 0)
     options = reward_options(reward, cfg.reward_options) | rewards.route_lists(
@@ -287,6 +288,19 @@ def prepare(cfg, algos: tuple) -> Run:
     launcher = f"torchrun --nproc_per_node {world} loop.py" if world > 1 else "python loop.py"
     return Run(folder, rank, world, device, weight_dtype_for(cfg.mixed_precision, device), sizes,
                model, reward, options, train_prompts, eval_prompts, launcher)  # fmt: skip
+
+
+def model_for_reward(model: str, reward: str, show: bool = True) -> str:
+    """--model, except that the embedded model, which draws no textures, means its texture twin for
+    --reward texture."""
+    if reward != "texture" or (HERE / model).resolve() != EMBEDDED_MODEL:
+        return model
+    if not (TEXTURE_MODEL / "model_index.json").is_file():
+        raise UsageError(f"--reward texture: {model} draws no textures and {TEXTURE_MODEL} is not "
+                         "there; pass --model with a model that draws them")  # fmt: skip
+    if show:
+        print(f"--reward texture: {model} draws no textures; --model {TEXTURE_MODEL.name} instead")
+    return str(TEXTURE_MODEL)
 
 
 def resolve_model_path(model: str) -> str:

@@ -448,6 +448,24 @@ def test_default_model_runs_with_the_shapes_reward(tmp_path):
     assert "before/after grid:" in result.stdout
 
 
+def test_reward_texture_finds_the_texture_model(tmp_path, monkeypatch, capsys):
+    """The embedded model draws no textures: the default --model with --reward texture means its
+    texture twin; other rewards and other models stay as given; a missing twin is one line."""
+    embedded, texture = tmp_path / "tiny-shapes", tmp_path / "tiny-shapes-texture"
+    monkeypatch.setattr(loop_utils, "HERE", tmp_path)
+    monkeypatch.setattr(loop_utils, "EMBEDDED_MODEL", embedded)
+    monkeypatch.setattr(loop_utils, "TEXTURE_MODEL", texture)
+    with pytest.raises(loop_utils.UsageError, match="tiny-shapes-texture is not there"):
+        loop_utils.model_for_reward("tiny-shapes", "texture")
+    texture.mkdir()
+    (texture / "model_index.json").write_text("{}")
+    assert loop_utils.model_for_reward("tiny-shapes", "texture") == str(texture)
+    assert "draws no textures; --model tiny-shapes-texture instead" in capsys.readouterr().out
+    assert loop_utils.model_for_reward(str(embedded), "texture") == str(texture)
+    assert loop_utils.model_for_reward("tiny-shapes", "color") == "tiny-shapes"
+    assert loop_utils.model_for_reward("other", "texture") == "other"
+
+
 def test_shapes_world_resolves_reward_and_prompt_files(tmp_path, monkeypatch, capsys):
     model = tmp_path / "shapes_world" / "tiny-shapes"
     model.mkdir(parents=True)
