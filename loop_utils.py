@@ -291,15 +291,14 @@ def prepare(cfg, algos: tuple) -> Run:
 
 
 def model_for_reward(model: str, reward: str, show: bool = True) -> str:
-    """--model, except that the embedded model, which draws no textures, means its texture twin for
-    --reward texture."""
+    """--model, but the embedded model (it draws no textures) means its twin for --reward texture."""
     if reward != "texture" or (HERE / model).resolve() != EMBEDDED_MODEL:
         return model
     if not (TEXTURE_MODEL / "model_index.json").is_file():
-        raise UsageError(f"--reward texture: {model} draws no textures and {TEXTURE_MODEL} is not "
-                         "there; pass --model with a model that draws them")  # fmt: skip
+        raise UsageError(f"--reward texture: {model} draws no textures; {TEXTURE_MODEL} is missing"
+                         "; pass a --model that draws them")  # fmt: skip
     if show:
-        print(f"--reward texture: {model} draws no textures; --model {TEXTURE_MODEL.name} instead")
+        print(f"--reward texture: {model} draws no textures; using {TEXTURE_MODEL.name}")
     return str(TEXTURE_MODEL)
 
 

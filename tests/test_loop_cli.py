@@ -455,12 +455,12 @@ def test_reward_texture_finds_the_texture_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(loop_utils, "HERE", tmp_path)
     monkeypatch.setattr(loop_utils, "EMBEDDED_MODEL", embedded)
     monkeypatch.setattr(loop_utils, "TEXTURE_MODEL", texture)
-    with pytest.raises(loop_utils.UsageError, match="tiny-shapes-texture is not there"):
+    with pytest.raises(loop_utils.UsageError, match="tiny-shapes-texture is missing"):
         loop_utils.model_for_reward("tiny-shapes", "texture")
     texture.mkdir()
     (texture / "model_index.json").write_text("{}")
     assert loop_utils.model_for_reward("tiny-shapes", "texture") == str(texture)
-    assert "draws no textures; --model tiny-shapes-texture instead" in capsys.readouterr().out
+    assert "draws no textures; using tiny-shapes-texture" in capsys.readouterr().out
     assert loop_utils.model_for_reward(str(embedded), "texture") == str(texture)
     assert loop_utils.model_for_reward("tiny-shapes", "color") == "tiny-shapes"
     assert loop_utils.model_for_reward("other", "texture") == "other"
