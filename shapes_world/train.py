@@ -9,6 +9,10 @@ that loop.py loads with the very code it uses for `stabilityai/stable-diffusion-
         --finetune_decoder runs/tiny-train/step_000500                           # stage 2b, ~8 min
     python shapes_world/train.py --out runs/tiny-train --ship step_NNNNNN   # copy + calibrate
 
+The texture model (shapes_world/tiny-shapes-texture, bench/record.md "Texture"): --latent_factor 8 --vae_only
+--vae_steps 2400 --seed 0; --continue_from OUT/vae_stage --lr 1e-3 --steps 4000 --eval_every 500 --scenes 16384
+--seed 1 --category texture; --ship step_004000 --ship_to shapes_world/tiny-shapes-texture --category texture.
+
 Stages (all from a fixed seed, on procedurally rendered (prompt, image) pairs of shapes_world/__init__.py):
 1. the tokenizer: a CLIP BPE vocabulary in which every word of the world is one token;
 2. the VAE (64x64x3 pixels <-> 16x16x4 latents, or 8x8x4 with --latent_factor 8 as the shipped

@@ -1,4 +1,5 @@
-"""The shipped tiny pipeline (shapes_world/tiny-shapes): loads offline through diffusers and generates 64x64."""
+"""The shipped tiny pipelines (shapes_world/tiny-shapes, and tiny-shapes-texture for --reward texture): load
+offline through diffusers, generate 64x64, and give the calibration recorded beside them."""
 
 import json
 import os
@@ -10,6 +11,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET = REPO / "shapes_world" / "tiny-shapes"
+TEXTURE_ASSET = REPO / "shapes_world" / "tiny-shapes-texture"
+ASSETS = pytest.mark.parametrize("asset", [ASSET, TEXTURE_ASSET], ids=["color", "texture"])
 sys.path.insert(0, str(REPO))
 
 
@@ -17,23 +20,25 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def test_asset_is_a_complete_small_sd_folder():
+@ASSETS
+def test_asset_is_a_complete_small_sd_folder(asset):
     index = json.loads((ASSET / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        assert part in index and (ASSET / part).is_dir(), part
-    weights = list(ASSET.rglob("*.safetensors"))
-    assert len(weights) == 3 and not list(ASSET.rglob("*.bin"))
-    assert folder_bytes(ASSET) <= 20 * 2**20
-    marker = json.loads((ASSET / "shapes_world.json").read_text())
+        assert part in index and (asset / part).is_dir(), part
+    weights = list(asset.rglob("*.safetensors"))
+    assert len(weights) == 3 and not list(asset.rglob("*.bin"))
+    assert folder_bytes(asset) <= 20 * 2**20
+    marker = json.loads((asset / "shapes_world.json").read_text())
     assert marker["world"] == "shapes" and "calibration" in marker
 
 
-def test_loads_offline_and_generates_64x64(monkeypatch):
+@ASSETS
+def test_loads_offline_and_generates_64x64(monkeypatch, asset):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(ASSET))
+    pipe = StableDiffusionPipeline.from_pretrained(str(asset))
     assert isinstance(pipe.scheduler, DDIMScheduler)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
@@ -70,17 +75,19 @@ def test_tokenizer_builder_roundtrip(tmp_path):
     assert len(ids) == 7 + 2  # seven words, start and end tokens
 
 
+@ASSETS
 @pytest.mark.parametrize("entry", ["calibration", "calibration_rl"])
-def test_recorded_calibration_is_reproduced(entry):
+def test_recorded_calibration_is_reproduced(entry, asset):
     """The calibration numbers written into shapes_world.json are what the shipped model gives now
     (up to thread-count rounding in the UNet, which can flip a few boundary pixels), with the
     sampler the model was picked with and with loop.py's default policy."""
     from shapes_world import train as T
 
-    recorded = json.loads((ASSET / "shapes_world.json").read_text())[entry]
+    recorded = json.loads((asset / "shapes_world.json").read_text())[entry]
     sampler = {key: recorded[key] for key in T.SAMPLER}
-    measured = T.calibrate(str(ASSET), sampler=sampler)
-    for key in ("color_val", "single"):
+    category = "texture" if "texture_val" in recorded else "color"
+    measured = T.calibrate(str(asset), sampler=sampler, category=category)
+    for key in (f"{category}_val", "single"):
         assert abs(measured[key] - recorded[key]) < 0.02, (key, measured[key], recorded[key])
 
 
@@ -94,6 +101,11 @@ def test_default_policy_is_calibrated():
     assert recorded["num_inference_steps"] == default.num_steps
     assert recorded["guidance_scale"] == default.guidance_scale and recorded["eta"] == default.eta
     assert 0.35 <= recorded["color_val"] <= 0.65 and recorded["single_correct"] >= 0.85
+    texture = json.loads((TEXTURE_ASSET / "shapes_world.json").read_text())["calibration_rl"]
+    sampler = ("num_inference_steps", "guidance_scale", "eta")
+    assert [texture[key] for key in sampler] == [recorded[key] for key in sampler]
+    # the texture model: held-out two-object texture score 0.3-0.7, single objects of every texture >= 85% right
+    assert 0.3 <= texture["texture_val"] <= 0.7 and texture["single_correct"] >= 0.85
 
 
 @pytest.mark.parametrize("factor, latent", [(4, 16), (8, 8)])
