@@ -87,9 +87,8 @@ def test_texture_judge_reads_where_the_dark_pixels_lie_not_how_many():
                                  (half_dark[:, :32] * W.DARK).round())  # fmt: skip
     assert W.vqa_probability(W.to_tensor(half_dark), "solid square") > 0.9
     shifted = W.render([W.Obj("red", "square", "striped", 32, 28, 14)])
-    shifted = np.roll(
-        shifted, W.TEXTURE_CELL, axis=0
-    )  # the object moves down 8 px, its stripes too
+    # the object moves down 8 px and its stripes with it: dark rows where the world has light ones
+    shifted = np.roll(shifted, W.TEXTURE_CELL, axis=0)
     assert W.vqa_probability(W.to_tensor(shifted), "striped square") < 0.1
 
 

@@ -22,7 +22,7 @@ def folder_bytes(folder: Path) -> int:
 
 @ASSETS
 def test_asset_is_a_complete_small_sd_folder(asset):
-    index = json.loads((ASSET / "model_index.json").read_text())
+    index = json.loads((asset / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert part in index and (asset / part).is_dir(), part
