@@ -57,13 +57,16 @@ EVALUATED = {  # configuration -> (algo, K, the tuned configuration whose lr it 
     "loop-k4": ("loop", 4, "loop-k4"),
     "loop-k8": ("loop", 8, "loop-k4"),
 }
-TASKS = {"color": list(EVALUATED), "shape": ["ppo-k1", "loop-k4"], "spatial": ["ppo-k1", "loop-k4"]}
+TASKS = {"color": list(EVALUATED), "shape": ["ppo-k1", "loop-k4"], "spatial": ["ppo-k1", "loop-k4"],
+         "texture": ["ppo-k1", "loop-k4"]}  # fmt: skip
+# texture's held-out file has 10 prompts: 12 images each, the other tasks' order of held-out images
+TASK_FLAGS = {"texture": ["--eval_images_per_prompt", "12"]}
 EVAL_SEEDS, EXTRA_SEEDS = tuple(range(10)), tuple(range(10, 20))
 EXTENDED = ("loop-k4", "ppo-k1", "rloo-k4")  # stage 3's configurations
 PAIRS = [("loop-k4", "ppo-k1", "color"), ("loop-k4", "rloo-k4", "color"),
          ("rloo-k4", "reinforce-k1", "color"), ("ppo-k1", "reinforce-k1", "color"),
          ("loop-k8", "loop-k2", "color"), ("loop-k4", "ppo-k1", "shape"),
-         ("loop-k4", "ppo-k1", "spatial")]  # fmt: skip
+         ("loop-k4", "ppo-k1", "spatial"), ("loop-k4", "ppo-k1", "texture")]  # fmt: skip
 THRESHOLD_GAIN = 0.10  # images_to_threshold: held-out EMA >= untrained + this
 LAST_EPOCHS = 10  # final_train_reward: mean training reward of the last this many epochs
 REPS, CI = 20_000, 0.95  # stratified bootstrap resamples and interval size
@@ -95,7 +98,8 @@ class Run:
     def flags(self) -> list[str]:
         return ["--algo", self.algo, "--k", str(self.k), "--reward", self.reward,
                 "--lr", f"{self.lr:g}", "--seed", str(self.seed),
-                "--eval_every", str(self.eval_every), "--eval_raw", "true"]  # fmt: skip
+                "--eval_every", str(self.eval_every), "--eval_raw", "true",
+                *TASK_FLAGS.get(self.reward, [])]  # fmt: skip
 
 
 def plan_tune(lrs=TUNE_LRS, seeds=TUNE_SEEDS, configs=tuple(TUNED)) -> list[Run]:
@@ -577,7 +581,9 @@ def plot_figure3(curves: list[dict], path: Path) -> None:
     score of the EMA weights every 4 epochs (what the verdicts use, bottom)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), constrained_layout=True)
+    fig, axes = plt.subplots(
+        2, len(TASKS), figsize=(4.7 * len(TASKS), 7.5), constrained_layout=True
+    )
     for column, task in enumerate(TASKS):
         for row, key in enumerate(CURVE_LABELS):
             ax = axes[row, column]

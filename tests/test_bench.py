@@ -46,13 +46,29 @@ def test_compare_runs_the_real_command_and_a_row_reproduces(tmp_path):
     assert last["eval_raw_reward_mean"] == float(row["final_heldout_raw"])
 
 
-def synthetic_runs(shift: float, seeds: int = 10, spread: float = 0.03) -> list[dict]:
-    """Evaluation rows of loop-k4 and ppo-k1 on color: loop-k4's scores = ppo-k1's + shift."""
+def test_compare_plans_texture_with_twelve_held_out_images_a_prompt():
+    """Stage 2 plans PPO K=1 and LOOP K=4 on texture, seeds 0-9, and only texture scores 12 images a
+    prompt (its held-out file has 10 prompts); the verdict pair is planned too."""
+    picks = dict.fromkeys(compare.TUNED, 4e-3)
+    runs = compare.plan_evaluate(picks)
+    texture = [r for r in runs if r.reward == "texture"]
+    assert sorted((r.config, r.seed) for r in texture) == sorted(
+        (c, s) for c in ("loop-k4", "ppo-k1") for s in range(10)
+    )
+    assert all(r.flags()[-2:] == ["--eval_images_per_prompt", "12"] for r in texture)
+    assert not any("--eval_images_per_prompt" in r.flags() for r in runs if r.reward != "texture")
+    assert ("loop-k4", "ppo-k1", "texture") in compare.PAIRS
+
+
+def synthetic_runs(
+    shift: float, seeds: int = 10, spread: float = 0.03, reward: str = "color"
+) -> list[dict]:
+    """Evaluation rows of loop-k4 and ppo-k1 on one task: loop-k4's scores = ppo-k1's + shift."""
     rng = np.random.default_rng(0)
     rows = []
     for config, offset in (("ppo-k1", 0.0), ("loop-k4", shift)):
         for seed, noise in enumerate(rng.normal(0, spread, seeds)):
-            rows.append({"stage": "evaluate", "config": config, "reward": "color", "seed": seed,
+            rows.append({"stage": "evaluate", "config": config, "reward": reward, "seed": seed,
                          "lr": 0.004, "final_heldout": 0.5 + offset + noise,
                          "final_train_reward": 0.6 + offset + noise,
                          "images_to_threshold": 640 if offset else "",
@@ -129,7 +145,7 @@ def test_prediction_band_is_the_t_interval_of_one_more_seed():
 
 def test_compare_report_from_synthetic_csvs(tmp_path):
     pytest.importorskip("rliable")
-    rows = synthetic_runs(shift=0.10)
+    rows = synthetic_runs(shift=0.10) + synthetic_runs(shift=-0.10, reward="texture")
     fields = compare.RUN_FIELDS
     full = [{f: r.get(f, "") for f in fields} | {"commit": "abc", "cpu": "x", "threads": 1}
             for r in rows]  # fmt: skip
@@ -139,13 +155,14 @@ def test_compare_report_from_synthetic_csvs(tmp_path):
                  for s in compare.TUNE_SEEDS]  # fmt: skip
     compare.append_csv(tmp_path / "compare_runs.csv", fields, full)
     curves = [{"stage": "evaluate", "config": r["config"], "lr": 0.004, "seed": r["seed"],
-               "reward": "color", "epoch": e, "images_seen": 64 * e,
+               "reward": r["reward"], "epoch": e, "images_seen": 64 * e,
                "train_reward": r["final_train_reward"] * e / 2, "heldout": "", "heldout_raw": "",
                "seconds": 1.0} for r in rows for e in range(3)]  # fmt: skip
     compare.append_csv(tmp_path / "compare_curves.csv", compare.CURVE_FIELDS, curves)
     text = compare.report(str(tmp_path)).read_text()
     assert "| loop-k4 > ppo-k1 | color | 10 / 10 |" in text and "| supported |" in text
     assert "| color | loop-k4 | 0.004 | 10 | 0.310 |" in text  # the runs' mean untrained score
+    assert "| loop-k4 > ppo-k1 | texture | 10 / 10 |" in text and "| contradicted |" in text
     if common.have_matplotlib():
         assert (tmp_path / "compare_fig3.png").stat().st_size > 1000
         assert (tmp_path / "compare_intervals.png").stat().st_size > 1000
@@ -495,7 +512,7 @@ def test_clip_tiny_runs_then_reports_its_rows_copied_over_seeds(tmp_path):
                 "images_to_threshold": 640 if final > 0.47 else ""}  # fmt: skip
             (new if side == "new" else old).append(row)
             curves[side] += [{"stage": "evaluate", "config": config, "lr": row["lr"], "seed": seed,
-                              "reward": "color", "epoch": e, "images_seen": 64 * e,
+                              "reward": r["reward"], "epoch": e, "images_seen": 64 * e,
                               "heldout": 0.37 + (final - 0.37) * e / 48}
                              for e in range(0, 49, 4)]  # fmt: skip
     only = lambda rows, fields: [{f: r.get(f, "") for f in fields} for r in rows]
