@@ -512,7 +512,7 @@ def test_clip_tiny_runs_then_reports_its_rows_copied_over_seeds(tmp_path):
                 "images_to_threshold": 640 if final > 0.47 else ""}  # fmt: skip
             (new if side == "new" else old).append(row)
             curves[side] += [{"stage": "evaluate", "config": config, "lr": row["lr"], "seed": seed,
-                              "reward": r["reward"], "epoch": e, "images_seen": 64 * e,
+                              "reward": "color", "epoch": e, "images_seen": 64 * e,
                               "heldout": 0.37 + (final - 0.37) * e / 48}
                              for e in range(0, 49, 4)]  # fmt: skip
     only = lambda rows, fields: [{f: r.get(f, "") for f in fields} for r in rows]
